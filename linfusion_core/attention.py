@@ -1,0 +1,362 @@
+"""LinFusion's normalized non-causal linear attention.
+
+Per sample and head (head size d = C / heads, head h = channels [h*d, (h+1)*d)):
+
+    phi(u) = elu(u) + 1
+    out = phi(q) (phi(k)^T v / N) / (phi(q) . mean_keys(phi(k)) + eps)
+
+with N the number of *query* tokens. Inputs are ComfyUI-style (B, tokens, C) tensors with the heads
+packed in C. k and v share a token count, which may differ from q's. Sums run in fp32 (or wider) for
+fp16/bf16 inputs; the output has the input dtype. Nothing here is quadratic in the token count.
+
+Implementations:
+  linear_attention_reference   plain and direct, for tests
+  linear_attention_torch_fast  chunked two-pass torch version (CPU and any device)
+  linear_attention_triton      Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1)
+  linear_attention             picks one (env LINFUSION_ATTENTION_IMPL = auto|reference|torch|triton)
+  authors_style_attention      transcription of the authors' code, the benchmark baseline
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "linear_attention",
+    "linear_attention_reference",
+    "linear_attention_torch_fast",
+    "linear_attention_triton",
+    "authors_style_attention",
+    "triton_supports",
+    "IMPL_ENV",
+]
+
+IMPL_ENV = "LINFUSION_ATTENTION_IMPL"
+_IMPLS = ("auto", "reference", "torch", "triton")
+
+# Elements (batch * tokens * channels) per chunk in the fast path: ~4 MiB of fp32 per temporary,
+# small enough to stay cache-resident between the few elementwise ops that touch it.
+_CHUNK_ELEMENTS = 1 << 20
+# Largest head size the Triton kernels accept (they tile d in blocks of 64).
+_TRITON_MAX_HEAD = 256
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[int, int, int, int, int]:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"expected (B, tokens, C) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, N, C = q.shape
+    M = k.shape[1]
+    if k.shape[0] != B or v.shape[0] != B or v.shape[1] != M or k.shape[2] != C or v.shape[2] != C:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if heads <= 0 or C % heads:
+        raise ValueError(f"C={C} is not divisible by heads={heads}")
+    return B, N, M, C, C // heads
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32; keeps fp64 as fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def linear_attention_reference(q, k, v, heads: int, eps: float = 1e-4) -> torch.Tensor:
+    """Direct implementation of the formula in fp32 (or fp64 for fp64 inputs)."""
+    B, N, M, C, d = _check(q, k, v, heads)
+    acc = _acc_dtype(q.dtype)
+    qh = q.to(acc).reshape(B, N, heads, d).transpose(1, 2)  # (B, H, N, d)
+    kh = k.to(acc).reshape(B, M, heads, d).transpose(1, 2)  # (B, H, M, d)
+    vh = v.to(acc).reshape(B, M, heads, d).transpose(1, 2)
+    qf = F.elu(qh) + 1.0
+    kf = F.elu(kh) + 1.0
+    kv = kf.transpose(-1, -2) @ vh / N  # (B, H, d, d)
+    kmean = kf.mean(dim=2, keepdim=True)  # (B, H, 1, d)
+    den = (qf * kmean).sum(dim=-1, keepdim=True) + eps  # (B, H, N, 1)
+    out = (qf @ kv) / den
+    return out.transpose(1, 2).reshape(B, N, C).to(q.dtype)
+
+
+def _phi_into(x: torch.Tensor, buf: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """buf <- elu(x) + 1 computed as max(x + 1, min(exp(x), 1)).
+
+    Same values as elu + 1 (exp is monotonic and exp(x) >= x + 1), but built from ops with fast
+    vectorized CPU kernels: torch's elu goes through expm1 and is ~5x slower. exp overflowing to inf
+    for large x is clamped to 1 before it can matter.
+    """
+    if x.dtype != buf.dtype:  # upcast once, then everything below runs in the accumulation dtype
+        tmp.copy_(x)
+        x = tmp
+    torch.exp(x, out=buf)
+    buf.clamp_(max=1.0)
+    torch.add(x, 1.0, out=tmp)
+    torch.maximum(buf, tmp, out=buf)
+    return buf
+
+
+def linear_attention_torch_fast(q, k, v, heads: int, eps: float = 1e-4, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Chunked two-pass implementation; temporaries are O(chunk), not O(tokens).
+
+    Pass 1 (keys): phi(k), its column sums and phi(k)^T v per head, one chunk at a time.
+    Pass 2 (queries): phi(q) times [kv | kmean] per head in one batched matmul, so the numerator and
+    the denominator come out of the same GEMM; the division writes straight into the output.
+    """
+    B, N, M, C, d = _check(q, k, v, heads)
+    H = heads
+    acc = _acc_dtype(q.dtype)
+    dev = q.device
+    if chunk_tokens is None:
+        chunk_tokens = max(64, _CHUNK_ELEMENTS // max(1, B * C))
+    T = max(1, min(int(chunk_tokens), max(N, M, 1)))
+
+    buf = torch.empty(B, T, C, dtype=acc, device=dev)
+    tmp = torch.empty(B, T, C, dtype=acc, device=dev)
+    vbuf = torch.empty(B, T, C, dtype=acc, device=dev) if v.dtype != acc else None
+
+    # kv_aug[..., :d] = sum phi(k)^T v, kv_aug[..., d] = sum phi(k); both accumulate in `acc`.
+    kv = torch.zeros(B, H, d, d, dtype=acc, device=dev)
+    ksum = torch.zeros(B, C, dtype=acc, device=dev)
+    for s in range(0, M, T):
+        e = min(s + T, M)
+        n = e - s
+        kf = _phi_into(k[:, s:e], buf[:, :n], tmp[:, :n])
+        ksum += kf.sum(dim=1)
+        vc = v[:, s:e]
+        if vbuf is not None:
+            vc = vbuf[:, :n].copy_(vc)
+        # Per sample, heads as the bmm batch: views with strides (d, 1, C) and (d, C, 1), no copies.
+        kfh = kf.unflatten(-1, (H, d))
+        vch = vc.unflatten(-1, (H, d))
+        for b in range(B):
+            kv[b].baddbmm_(kfh[b].permute(1, 2, 0), vch[b].transpose(0, 1))
+
+    kv_aug = torch.empty(B, H, d, d + 1, dtype=acc, device=dev)
+    torch.div(kv, N, out=kv_aug[..., :d])
+    torch.div(ksum.view(B, H, d), M, out=kv_aug[..., d])
+    del kv, ksum, vbuf
+
+    out = torch.empty(B, N, C, dtype=q.dtype, device=dev)
+    res = torch.empty(B, H, T, d + 1, dtype=acc, device=dev)
+    for s in range(0, N, T):
+        e = min(s + T, N)
+        n = e - s
+        qfh = _phi_into(q[:, s:e], buf[:, :n], tmp[:, :n]).unflatten(-1, (H, d))
+        r = res[:, :, :n]
+        for b in range(B):
+            torch.bmm(qfh[b].transpose(0, 1), kv_aug[b], out=r[b])
+        den = r[..., d:].add_(eps)
+        torch.div(r[..., :d], den, out=out[:, s:e].unflatten(-1, (H, d)).transpose(1, 2))
+    return out
+
+
+def authors_style_attention(q, k, v, heads: int, eps: float = 1e-4) -> torch.Tensor:
+    """The formula as the authors' code writes it (heads folded into batch, input dtype throughout).
+
+    Benchmark baseline only. Pre-scales by the query-token count N, as this pack's formula states
+    (the same thing for self-attention, the only case LinFusion uses).
+    """
+    B, N, M, C, d = _check(q, k, v, heads)
+
+    def head_to_batch(x):
+        return x.reshape(B, -1, heads, d).permute(0, 2, 1, 3).reshape(B * heads, -1, d)
+
+    query, key, value = head_to_batch(q), head_to_batch(k), head_to_batch(v)
+    query = F.elu(query) + 1.0
+    key = F.elu(key) + 1.0
+    z = query @ key.mean(dim=-2, keepdim=True).transpose(-2, -1) + eps
+    scale = N ** -0.5
+    kv = (key * scale).transpose(-2, -1) @ (value * scale)
+    hidden = query @ kv / z
+    return hidden.reshape(B, heads, N, d).permute(0, 2, 1, 3).reshape(B, N, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+
+_TRITON = None  # (triton, kv_kernel, apply_kernel) once built; False if triton is unusable
+tl = None  # triton.language, bound on first use so importing this module never needs triton
+
+
+def _triton_kernels():
+    global _TRITON
+    if _TRITON is None:
+        try:
+            _TRITON = _build_triton_kernels()
+        except Exception:  # ImportError, or a triton too old for the language features used
+            _TRITON = False
+    return _TRITON or None
+
+
+def _build_triton_kernels():
+    global tl
+    import triton
+    import triton.language
+
+    tl = triton.language
+    # Kernels are module-level functions: Triton resolves names through the module's globals. Their
+    # `constexpr` annotations stay unevaluated strings (PEP 563), which is what Triton parses.
+    return triton, triton.jit(_kv_state_kernel), triton.jit(_apply_kernel)
+
+
+def _kv_state_kernel(
+    k_ptr, v_ptr, kv_ptr, ks_ptr,
+    M, H, D, tokens_per_split, n_splits,
+    stride_kb, stride_kn, stride_kc,
+    stride_vb, stride_vn, stride_vc,
+    BLOCK_N: constexpr, BLOCK_D: constexpr, N_TILES: constexpr, PRECISION: constexpr,
+):
+    # One program: (batch*head, (dk tile, dv tile), token split). Writes its partial phi(k)^T v tile
+    # and (for dv tile 0) its partial sum of phi(k), both fp32.
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)  # int64 offsets: 16K inputs approach 2**31 elements
+    h = pid_bh % H
+    ti = pid_t // N_TILES
+    tj = pid_t % N_TILES
+    offs_i = ti * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = tj * BLOCK_D + tl.arange(0, BLOCK_D)
+    mi = offs_i < D
+    mj = offs_j < D
+    k_base = k_ptr + b * stride_kb + (h * D + offs_i[None, :]) * stride_kc
+    v_base = v_ptr + b * stride_vb + (h * D + offs_j[None, :]) * stride_vc
+    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    ksum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    start = pid_s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, M)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mn = offs_n < end
+        mk = mn[:, None] & mi[None, :]
+        kk = tl.load(k_base + offs_n[:, None] * stride_kn, mask=mk, other=0.0).to(tl.float32)
+        # elu + 1 (exp only sees x <= 0, so no overflow); padding zeroed after phi since phi(0) = 1
+        kf = tl.where(kk > 0, kk + 1.0, tl.exp(tl.minimum(kk, 0.0)))
+        kf = tl.where(mk, kf, 0.0)
+        vv = tl.load(v_base + offs_n[:, None] * stride_vn, mask=mn[:, None] & mj[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(kf), vv, input_precision=PRECISION)
+        ksum += tl.sum(kf, axis=0)
+    base = pid_bh * n_splits + pid_s
+    tl.store(kv_ptr + (base * D + offs_i[:, None]) * D + offs_j[None, :], acc, mask=mi[:, None] & mj[None, :])
+    tl.store(ks_ptr + base * D + offs_i, ksum, mask=mi & (tj == 0))
+
+
+def _apply_kernel(
+    q_ptr, kv_ptr, km_ptr, o_ptr,
+    N, H, D, eps,
+    stride_qb, stride_qn, stride_qc,
+    stride_ob, stride_on, stride_oc,
+    BLOCK_N: constexpr, BLOCK_D: constexpr, N_TILES: constexpr, PRECISION: constexpr,
+):
+    # One program: (batch*head, query block, dv tile). kv (already / N) and kmean are fp32.
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tj = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)  # int64 offsets: 16K inputs approach 2**31 elements
+    h = pid_bh % H
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mn = offs_n < N
+    offs_j = tj * BLOCK_D + tl.arange(0, BLOCK_D)
+    mj = offs_j < D
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    den = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for ti in range(N_TILES):
+        offs_i = ti * BLOCK_D + tl.arange(0, BLOCK_D)
+        mi = offs_i < D
+        mq = mn[:, None] & mi[None, :]
+        qq = tl.load(q_ptr + b * stride_qb + offs_n[:, None] * stride_qn + (h * D + offs_i[None, :]) * stride_qc,
+                     mask=mq, other=0.0).to(tl.float32)
+        qf = tl.where(qq > 0, qq + 1.0, tl.exp(tl.minimum(qq, 0.0)))
+        qf = tl.where(mq, qf, 0.0)
+        kvt = tl.load(kv_ptr + (pid_bh * D + offs_i[:, None]) * D + offs_j[None, :],
+                      mask=mi[:, None] & mj[None, :], other=0.0)
+        km = tl.load(km_ptr + pid_bh * D + offs_i, mask=mi, other=0.0)
+        acc += tl.dot(qf, kvt, input_precision=PRECISION)
+        den += tl.sum(qf * km[None, :], axis=1)
+    out = acc / (den[:, None] + eps)
+    tl.store(o_ptr + b * stride_ob + offs_n[:, None] * stride_on + (h * D + offs_j[None, :]) * stride_oc,
+             out.to(o_ptr.dtype.element_ty), mask=mn[:, None] & mj[None, :])
+
+
+def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
+    """Whether the Triton kernels handle these inputs (dtype, head size); ignores the device."""
+    if q.dim() != 3 or heads <= 0 or q.shape[-1] % heads:
+        return False
+    ok_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    if q.dtype not in ok_dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    return q.shape[-1] // heads <= _TRITON_MAX_HEAD
+
+
+def linear_attention_triton(q, k, v, heads: int, eps: float = 1e-4) -> torch.Tensor:
+    """Triton forward: kernel 1 reduces phi(k)^T v and sum phi(k) per (batch, head, token split) in
+    fp32, a deterministic torch sum merges the splits, kernel 2 applies the state to the queries."""
+    B, N, M, C, d = _check(q, k, v, heads)
+    kernels = _triton_kernels()
+    if kernels is None:
+        raise RuntimeError("Triton is not importable")
+    if not triton_supports(q, k, v, heads):
+        raise ValueError(f"Triton path does not support dtype {q.dtype}/{k.dtype}/{v.dtype} or head size {d}")
+    triton, kv_state_kernel, apply_kernel = kernels
+    H = heads
+    BLOCK_D = 64 if d > 32 else max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
+    n_tiles = triton.cdiv(d, BLOCK_D)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs get full fp32 products
+    out = torch.empty(B, N, C, dtype=q.dtype, device=q.device)
+    if N == 0:
+        return out
+
+    BLOCK_NK = 64
+    if q.is_cuda:
+        target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+    else:
+        target = 8  # interpreter: few programs keep it quick
+    n_blocks = max(1, triton.cdiv(M, BLOCK_NK))
+    n_splits = max(1, min(n_blocks, target // max(1, B * H * n_tiles * n_tiles)))
+    tokens_per_split = triton.cdiv(n_blocks, n_splits) * BLOCK_NK
+    n_splits = max(1, triton.cdiv(M, tokens_per_split))
+
+    kv_part = torch.empty(B * H, n_splits, d, d, dtype=torch.float32, device=q.device)
+    ks_part = torch.empty(B * H, n_splits, d, dtype=torch.float32, device=q.device)
+    kv_state_kernel[(B * H, n_tiles * n_tiles, n_splits)](
+        k, v, kv_part, ks_part,
+        M, H, d, tokens_per_split, n_splits,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        BLOCK_N=BLOCK_NK, BLOCK_D=BLOCK_D, N_TILES=n_tiles, PRECISION=precision,
+    )
+    kv = (kv_part.sum(dim=1) / N).contiguous()
+    kmean = (ks_part.sum(dim=1) / max(M, 1)).contiguous()
+
+    BLOCK_NQ = 64
+    apply_kernel[(B * H, triton.cdiv(N, BLOCK_NQ), n_tiles)](
+        q, kv, kmean, out,
+        N, H, d, eps,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_N=BLOCK_NQ, BLOCK_D=BLOCK_D, N_TILES=n_tiles, PRECISION=precision,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+
+def selected_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> str:
+    """'reference', 'torch' or 'triton': what linear_attention will run for these inputs."""
+    choice = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+    if choice not in _IMPLS:
+        raise ValueError(f"{IMPL_ENV}={choice!r}: expected one of {', '.join(_IMPLS)}")
+    if choice != "auto":
+        return choice
+    if q.is_cuda and triton_supports(q, k, v, heads) and _triton_kernels() is not None:
+        return "triton"
+    return "torch"
+
+
+def linear_attention(q, k, v, heads: int, eps: float = 1e-4) -> torch.Tensor:
+    """LinFusion attention on (B, tokens, C) tensors; see the module docstring."""
+    impl = selected_impl(q, k, v, heads)
+    if impl == "triton":
+        return linear_attention_triton(q, k, v, heads, eps)
+    if impl == "reference":
+        return linear_attention_reference(q, k, v, heads, eps)
+    return linear_attention_torch_fast(q, k, v, heads, eps)

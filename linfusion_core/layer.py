@@ -1,0 +1,78 @@
+"""The replacement for one self-attention layer (``attn1``) of a UNet transformer block.
+
+It keeps the base layer's ``to_q/to_k/to_v/to_out`` under their own names (so LoRA keys, state-dict keys and
+other packs' attn1 replace patches keep their meaning) and holds LinFusion's weights in ``self.linfusion``:
+the residual MLPs ``to_q_``/``to_k_`` and, when the file has them, LinFusion's own projections."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import linear_attention
+
+
+def _mlp(dim, mid, ops, dtype, device) -> nn.Sequential:
+    # Indices 0, 1, 3 match the released tensor names (to_q_.0 / .1 / .3).
+    return nn.Sequential(ops.Linear(dim, mid, dtype=dtype, device=device),
+                         ops.LayerNorm(mid, dtype=dtype, device=device),
+                         nn.LeakyReLU(0.01),
+                         ops.Linear(mid, dim, dtype=dtype, device=device))
+
+
+class LinFusionWeights(nn.Module):
+    def __init__(self, dim: int, mid_dim: int, own_projections: bool, ops=nn, dtype=None, device=None):
+        super().__init__()
+        self.to_q_ = _mlp(dim, mid_dim, ops, dtype, device)
+        self.to_k_ = _mlp(dim, mid_dim, ops, dtype, device)
+        self.own_projections = own_projections
+        if own_projections:
+            self.to_q = ops.Linear(dim, dim, bias=False, dtype=dtype, device=device)
+            self.to_k = ops.Linear(dim, dim, bias=False, dtype=dtype, device=device)
+            self.to_v = ops.Linear(dim, dim, bias=False, dtype=dtype, device=device)
+            self.to_out = nn.Sequential(ops.Linear(dim, dim, dtype=dtype, device=device), nn.Dropout(0.0))
+
+
+class LinFusionAttention(nn.Module):
+    """LinFusion's normalized linear attention in place of ``base`` (a ComfyUI CrossAttention).
+
+    Below ``softmax_below_tokens`` query tokens (0 = never) the base layer's own softmax attention runs instead.
+    """
+
+    def __init__(self, base: nn.Module, weights: LinFusionWeights, softmax_below_tokens: int = 0, label: str = ""):
+        super().__init__()
+        self.heads = base.heads
+        self.dim_head = base.dim_head
+        self.attn_precision = getattr(base, "attn_precision", None)
+        self.to_q, self.to_k, self.to_v, self.to_out = base.to_q, base.to_k, base.to_v, base.to_out
+        self.linfusion = weights
+        self.softmax_below_tokens = int(softmax_below_tokens)
+        self.label = label
+        # The base module itself stays out of the module tree (its parameters are the shared to_q.. above),
+        # so the model's memory accounting and device moves see every weight exactly once.
+        object.__setattr__(self, "_base", base)
+
+    def forward(self, x, context=None, value=None, mask=None, transformer_options={}, **kwargs):
+        if mask is not None or x.shape[1] < self.softmax_below_tokens:
+            return self._base(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
+        lf = self.linfusion
+        ctx = x if context is None else context
+        val = ctx if value is None else value
+        to_q, to_k, to_v, to_out = (lf.to_q, lf.to_k, lf.to_v, lf.to_out) if lf.own_projections else \
+            (self.to_q, self.to_k, self.to_v, self.to_out)
+        q = to_q(x + lf.to_q_(x))
+        k = to_k(ctx + lf.to_k_(ctx))
+        v = to_v(val)
+        out = linear_attention(q, k, v, self.heads)
+        return to_out(out)
+
+    def extra_repr(self) -> str:
+        return f"{self.label} heads={self.heads}, softmax_below_tokens={self.softmax_below_tokens}"
+
+
+def build_layer(base: nn.Module, lw, ops=nn, dtype=None, softmax_below_tokens: int = 0, label: str = ""):
+    """A LinFusionAttention for ``base`` loaded with one checkpoint layer (``lw``: checkpoint.LayerWeights)."""
+    weights = LinFusionWeights(lw.dim, lw.mid_dim, lw.has_projections, ops=ops, dtype=dtype, device="cpu")
+    sd = {k: v.to(dtype) if dtype is not None else v for k, v in lw.tensors.items()}
+    missing, unexpected = weights.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return LinFusionAttention(base, weights, softmax_below_tokens, label)

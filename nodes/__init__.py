@@ -1,0 +1,14 @@
+"""ComfyUI nodes: thin adapters over linfusion_core. Node ids and input names are a public contract."""
+from .apply import ApplyLinFusion
+from .loader import LinFusionLoader, register_folder
+
+register_folder()
+
+NODE_CLASS_MAPPINGS = {
+    "LinFusionLoader": LinFusionLoader,
+    "ApplyLinFusion": ApplyLinFusion,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LinFusionLoader": "Load LinFusion",
+    "ApplyLinFusion": "Apply LinFusion",
+}

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real ComfyUI host (a server started with this pack as a custom node), generated
+checkpoints placed in its models/ folders, and in-process access to ComfyUI's own modules."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from harness import env, fixtures  # noqa: E402
+from harness.host import default_server, host_info  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def host() -> dict:
+    return host_info()
+
+
+@pytest.fixture(scope="session")
+def base_dir(host) -> Path:
+    return Path(host["base"])
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        if dst.stat().st_ino == src.stat().st_ino:
+            return
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+@pytest.fixture(scope="session")
+def install_checkpoint(base_dir):
+    """install_checkpoint("sd15") -> the ckpt_name CheckpointLoaderSimple lists for a generated checkpoint."""
+    def install(name: str, folder: str = "checkpoints") -> str:
+        src = fixtures.ensure(name)
+        dst = base_dir / "models" / folder / f"test-{name}.safetensors"
+        _link(src, dst)
+        return dst.name
+    return install
+
+
+@pytest.fixture(scope="session")
+def server(host):
+    srv = default_server()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_inproc(host):
+    """ComfyUI's modules imported into the test process (CPU), for tests below the graph level."""
+    if host["comfyui"] not in sys.path:
+        sys.path.insert(0, host["comfyui"])
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_management  # noqa: F401
+    return host["comfyui"]
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_inproc):
+    """This pack imported the way ComfyUI imports a custom node (as a package, relative imports and all)."""
+    import importlib.util
+    name = "ComfyUI_LinFusion_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
