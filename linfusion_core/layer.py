@@ -57,6 +57,11 @@ class LinFusionAttention(nn.Module):
         lf = self.linfusion
         ctx = x if context is None else context
         val = ctx if value is None else value
+        if ctx.shape[0] != x.shape[0]:
+            # attn1_patch hooks such as HyperTile retile the queries into a larger batch and pass the untiled
+            # context; ComfyUI's attention functions view k/v with the query batch size, so do the same.
+            ctx = ctx.reshape(x.shape[0], -1, ctx.shape[-1])
+            val = val.reshape(x.shape[0], -1, val.shape[-1])
         to_q, to_k, to_v, to_out = (lf.to_q, lf.to_k, lf.to_v, lf.to_out) if lf.own_projections else \
             (self.to_q, self.to_k, self.to_v, self.to_out)
         q = to_q(x + lf.to_q_(x))

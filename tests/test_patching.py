@@ -1,0 +1,286 @@
+"""ApplyLinFusion below the graph level, in-process with ComfyUI's own modules and loaders and a generated
+UNet with the true SD-1.5 architecture: layer map and order, the patch leaving its input untouched, exactness
+against an independent float64 formula, LoRAs, other packs' attention hooks, casting and low-VRAM mode."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness import fixtures, linfusion_fixtures
+
+SIGMA = torch.tensor([1.5])
+
+
+@pytest.fixture(scope="module")
+def ctx(comfy_inproc, pack):
+    import comfy.model_management as mm
+    import comfy.sd
+    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")))  # ComfyUI's real loader
+    yield {"unet": unet, "patching": pack.nodes.patching, "checkpoint": pack.linfusion_core.checkpoint,
+           "layer": pack.linfusion_core.layer}
+    mm.unload_all_models()
+    del unet
+    mm.soft_empty_cache()
+
+
+@pytest.fixture(scope="module")
+def lf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lf")
+    return {
+        "folder": linfusion_fixtures.write("sd15", d / "twin", layout="folder", seed=4),
+        "single": linfusion_fixtures.write("sd15", d / "twin-single.safetensors", layout="file", seed=4),
+        "noproj": linfusion_fixtures.write("sd15", d / "noproj.safetensors", layout="file", seed=4, projections=False),
+        # ComfyUI's own order (middle block between input and output blocks): widths no longer line up.
+        "mid_between": linfusion_fixtures.write("sd15", d / "mid-between.safetensors", layout="file", seed=4,
+                                                order=list(range(6)) + [15] + list(range(6, 15))),
+        # Mid block and first up-block layer swapped: all widths still fit, only the output can tell.
+        "swapped": linfusion_fixtures.write("sd15", d / "swapped.safetensors", layout="file", seed=4,
+                                            order=list(range(6)) + [15] + list(range(7, 15)) + [6]),
+        "reversed": linfusion_fixtures.write("sd15", d / "reversed.safetensors", layout="file", seed=4,
+                                             order=list(reversed(range(16)))),
+    }
+
+
+def _load(ctx, path):
+    return ctx["checkpoint"].load_checkpoint(path)
+
+
+def _inputs(seed=0, hw=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, hw, hw, generator=g)
+    c = torch.randn(1, 77, 768, generator=g)
+    return x, c
+
+
+def run_unet(m, x, c):
+    import comfy.model_management as mm
+    mm.load_models_gpu([m])
+    to = dict(m.model_options.get("transformer_options", {}))
+    with torch.no_grad():
+        return m.model.apply_model(x, SIGMA, c_crossattn=c, transformer_options=to).float()
+
+
+def test_twin_layouts_patch_identical_layers(ctx, lf):
+    a = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["folder"]))
+    b = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"]))
+    assert set(a.object_patches) == set(b.object_patches) and len(a.object_patches) == 16
+    for key in a.object_patches:
+        sa, sb = a.object_patches[key].linfusion.state_dict(), b.object_patches[key].linfusion.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), key
+    mid = a.object_patches["diffusion_model.middle_block.1.transformer_blocks.0.attn1"]
+    assert mid.linfusion.to_q_[0].weight.shape == (1280, 1280)
+
+
+def test_wrong_layer_order_is_detected_or_changes_the_output(ctx, lf):
+    err = ctx["checkpoint"].LinFusionFileError
+    with pytest.raises(err, match=r"reversed\.safetensors.*does not fit the SD-1\.5 model.*layer 0 is 1280 wide"):
+        ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["reversed"]))
+    with pytest.raises(err, match=r"mid-between\.safetensors.*does not fit the SD-1\.5 model.*layer 9 is 1280 wide"):
+        ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["mid_between"]))
+    x, c = _inputs()
+    right = run_unet(ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"])), x, c)
+    wrong = run_unet(ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["swapped"])), x, c)
+    assert (right - wrong).abs().max() > 1e-3 * right.abs().max()
+
+
+def test_config_names_beat_file_order(ctx, lf, tmp_path):
+    """A folder whose config.json lists the layers in another order maps each entry by its name."""
+    src = _load(ctx, lf["folder"])
+    cfg = json.loads((lf["folder"].parent / "config.json").read_text())
+    perm = list(range(6)) + [15] + list(range(6, 15))
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(lf["folder"]))
+    out = {}
+    for new_i, old_i in enumerate(perm):
+        for k, v in t.items():
+            i, rest = k.split(".", 1)
+            if int(i) == old_i:
+                out[f"{new_i}.{rest}"] = v
+    d = tmp_path / "permuted"
+    d.mkdir()
+    save_file(out, str(d / "diffusion_pytorch_model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"modules_list": [cfg["modules_list"][i] for i in perm]}))
+    a = ctx["patching"].apply_linfusion(ctx["unet"], src)
+    b = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, d))
+    for key in a.object_patches:
+        assert torch.equal(a.object_patches[key].linfusion.to_k_[0].weight, b.object_patches[key].linfusion.to_k_[0].weight)
+
+
+def test_input_model_is_untouched(ctx, lf):
+    unet = ctx["unet"]
+    x, c = _inputs(1)
+    before = run_unet(unet, x, c)
+    patched = ctx["patching"].apply_linfusion(unet, _load(ctx, lf["single"]))
+    assert unet.object_patches == {} and len(patched.object_patches) == 16
+    lin = run_unet(patched, x, c)
+    after = run_unet(unet, x, c)
+    assert torch.equal(before, after)
+    assert not torch.allclose(lin, before)
+    dm = unet.model.diffusion_model
+    assert type(dm.input_blocks[1][1].transformer_blocks[0].attn1).__name__ == "CrossAttention"
+
+
+def _reference_layer_f64(t: dict, x: torch.Tensor, heads: int, base=None) -> torch.Tensor:
+    """The reference-doc formula written out in float64, from the file's tensors."""
+    d = {k: v.double() for k, v in t.items()}
+    x = x.double()
+
+    def mlp(p, u):
+        h = u @ d[f"{p}.0.weight"].T + d[f"{p}.0.bias"]
+        h = torch.nn.functional.layer_norm(h, h.shape[-1:], d[f"{p}.1.weight"], d[f"{p}.1.bias"], eps=1e-5)
+        h = torch.where(h > 0, h, 0.01 * h)
+        return h @ d[f"{p}.3.weight"].T + d[f"{p}.3.bias"]
+
+    wq, wk, wv, wo, bo = (d["to_q.weight"], d["to_k.weight"], d["to_v.weight"], d["to_out.0.weight"],
+                          d["to_out.0.bias"]) if "to_q.weight" in d else base
+    q = (x + mlp("to_q_", x)) @ wq.T
+    k = (x + mlp("to_k_", x)) @ wk.T
+    v = x @ wv.T
+    B, N, C = q.shape
+    hd = C // heads
+    out = torch.empty_like(q)
+    for h in range(heads):
+        s = slice(h * hd, (h + 1) * hd)
+        fq = torch.where(q[..., s] > 0, q[..., s] + 1, torch.exp(q[..., s]))
+        fk = torch.where(k[..., s] > 0, k[..., s] + 1, torch.exp(k[..., s]))
+        kv = torch.einsum("bnd,bne->bde", fk, v[..., s]) / N
+        den = torch.einsum("bnd,bd->bn", fq, fk.mean(1)) + 1e-4
+        out[..., s] = torch.einsum("bnd,bde->bne", fq, kv) / den[..., None]
+    return out @ wo.T + bo
+
+
+@pytest.mark.parametrize("which", ["single", "noproj"])
+def test_layer_matches_float64_formula(ctx, lf, which):
+    ck = _load(ctx, lf[which])
+    patched = ctx["patching"].apply_linfusion(ctx["unet"], ck)
+    key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1"  # 640 wide, 8 heads
+    layer = patched.object_patches[key]
+    lw = ck.layers[2]
+    base = layer._base
+    basew = (base.to_q.weight, base.to_k.weight, base.to_v.weight, base.to_out[0].weight, base.to_out[0].bias)
+    basew = tuple(w.double() for w in basew)
+    x = torch.randn(2, 300, 640, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = layer(x).double()
+    want = _reference_layer_f64(lw.tensors, x, layer.heads, basew)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-5, err
+
+
+def _lora(unet, path):
+    """A LoRA touching attn1, attn2 and a conv of the SD-1.5 UNet, in ComfyUI's generic key format."""
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for key, (o, i) in {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": (320, 320),
+                        "input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 768),
+                        "output_blocks.9.1.transformer_blocks.0.attn2.to_v": (320, 768),
+                        "middle_block.1.proj_in": (1280, 1280)}.items():
+        sd[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(o, 4, generator=g) * 0.5
+        down = torch.randn(4, i, generator=g) * 0.5
+        sd[f"diffusion_model.{key}.lora_down.weight"] = down if "proj_in" not in key else down[..., None, None] \
+            if unet.model.diffusion_model.middle_block[1].proj_in.weight.ndim == 4 else down
+    return sd
+
+
+def test_lora_before_or_after_apply_gives_the_same_model(ctx, lf):
+    import comfy.sd
+    unet, ck = ctx["unet"], _load(ctx, lf["single"])
+    lora = _lora(unet, None)
+    x, c = _inputs(2)
+    lf_only = run_unet(ctx["patching"].apply_linfusion(unet, ck), x, c)
+    before, _ = comfy.sd.load_lora_for_models(unet, None, lora, 1.0, 0)
+    before = ctx["patching"].apply_linfusion(before, ck)
+    after, _ = comfy.sd.load_lora_for_models(ctx["patching"].apply_linfusion(unet, ck), None, lora, 1.0, 0)
+    ya, yb = run_unet(before, x, c), run_unet(after, x, c)
+    assert torch.allclose(ya, yb, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ya, lf_only, atol=1e-4)
+    assert torch.equal(run_unet(ctx["patching"].apply_linfusion(unet, ck), x, c), lf_only), "LoRA leaked"
+
+
+def test_other_packs_attention_hooks_still_run(ctx, lf):
+    patched = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"]))
+    calls = {"attn1_patch": 0, "attn1_output_patch": 0, "attn2_patch": 0}
+
+    def attn1_patch(n, context, value, extra):
+        calls["attn1_patch"] += 1
+        return n, context, value
+
+    def attn1_output_patch(n, extra):
+        calls["attn1_output_patch"] += 1
+        return n * 0.5
+
+    def attn2_patch(n, context, value, extra):
+        calls["attn2_patch"] += 1
+        return n, context, value
+
+    x, c = _inputs(3)
+    plain = run_unet(patched, x, c)
+    m = patched.clone()
+    m.set_model_attn1_patch(attn1_patch)
+    m.set_model_attn1_output_patch(attn1_output_patch)
+    m.set_model_attn2_patch(attn2_patch)
+    hooked = run_unet(m, x, c)
+    assert calls == {"attn1_patch": 16, "attn1_output_patch": 16, "attn2_patch": 16}
+    assert not torch.allclose(plain, hooked)
+
+
+def test_hypertile_composes(ctx, lf):
+    from comfy_extras import nodes_hypertile
+    patched = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"]))
+    out = nodes_hypertile.HyperTile.execute(patched, 64, 2, 0, False)
+    tiled = out.result[0] if hasattr(out, "result") else out[0]
+    x, c = _inputs(4, hw=32)
+    y_tiled, y = run_unet(tiled, x, c), run_unet(patched, x, c)
+    assert torch.isfinite(y_tiled).all()
+    assert not torch.allclose(y_tiled, y), "HyperTile's attn1 hooks had no effect"
+
+
+def test_existing_attn1_replace_patch_is_reported(ctx, lf, caplog):
+    m = ctx["unet"].clone()
+    m.set_model_attn1_replace(lambda q, k, v, extra: v, "input", 1)
+    with caplog.at_level("WARNING", logger="LinFusion"):
+        ctx["patching"].apply_linfusion(m, _load(ctx, lf["single"]))
+    assert "attn1 replace patch" in caplog.text and "bypassed" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(ctx, lf, dtype):
+    """Model weights stored in fp16/bf16 (as --fp16-unet/--bf16-unet do): LinFusion's layers follow."""
+    import comfy.sd
+    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")), model_options={"dtype": dtype})
+    try:
+        patched = ctx["patching"].apply_linfusion(unet, _load(ctx, lf["single"]))
+        layer = next(iter(patched.object_patches.values()))
+        assert layer.linfusion.to_q_[0].weight.dtype == dtype
+        x, c = _inputs(5)
+        y = run_unet(patched, x, c)
+        y32 = run_unet(ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"])), x, c)
+        assert torch.isfinite(y).all()
+        assert (y - y32).abs().max() < 0.05 * y32.abs().max() + 0.05
+    finally:
+        import comfy.model_management as mm
+        mm.unload_all_models()
+        del unet
+
+
+def test_lowvram_partial_load_casts_linfusion_layers(ctx, lf):
+    """ComfyUI's low-VRAM mode: weights that do not fit stay offloaded and are cast per call (comfy.ops)."""
+    import comfy.model_management as mm
+    patched = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"]))
+    x, c = _inputs(6)
+    full = run_unet(patched, x, c)
+    mm.unload_all_models()
+    m = patched.clone()
+    m.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1, load_weights=True)
+    try:
+        layer = m.get_model_object("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1")
+        assert getattr(layer.linfusion.to_q_[0], "comfy_cast_weights", False), "LinFusion layer not in low-VRAM mode"
+        to = dict(m.model_options.get("transformer_options", {}))
+        with torch.no_grad():
+            low = m.model.apply_model(x, SIGMA, c_crossattn=c, transformer_options=to).float()
+    finally:
+        m.unpatch_model()
+    assert torch.allclose(full, low, atol=1e-5, rtol=1e-4)
