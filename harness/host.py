@@ -68,6 +68,7 @@ class ComfyServer:
                *self.extra_args]
         child_env = dict(os.environ)
         child_env.pop("PYTHONPATH", None)  # the server sees the pack only as a custom node
+        child_env["PYTHONUNBUFFERED"] = "1"  # the log is read while the server runs
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfyui), stdout=self._log, stderr=subprocess.STDOUT,
                                      env=child_env, start_new_session=True)
@@ -142,7 +143,11 @@ class ComfyServer:
     def wait(self, prompt_id: str, timeout: float = 1200, on_poll=None) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}", timeout=60)
+            except (socket.timeout, TimeoutError, ConnectionError):
+                # A busy server (loading gigabytes on two cores) can be slow to answer; keep waiting.
+                hist = {}
             if prompt_id in hist:
                 entry = hist[prompt_id]
                 status = entry.get("status", {})
