@@ -118,6 +118,7 @@ def test_sd21_graph(server, install_checkpoint, lf_files):
     ckpt = install_checkpoint("sd21")
     for layout in ("folder", "single"):
         _run_lf(server, ckpt, lf_files[f"sd21-{layout}"], f"sd21_{layout}")
+    _run_lf(server, ckpt, lf_files["sd21-folder"], "sd21_fp16", dtype="fp16")
     server.free()
 
 
@@ -201,3 +202,5 @@ def test_sdxl_graph(install_checkpoint, lf_files):
     with default_server(extra_args=["--fp16-unet", "--fp16-text-enc"]) as srv:
         for layout in ("folder", "single"):
             _run_lf(srv, ckpt, lf_files[f"sdxl-{layout}"], f"sdxl_{layout}")
+        # fp16 weights computed in fp32 (ComfyUI's manual cast, which LinFusion's layers follow).
+        _run_lf(srv, ckpt, lf_files["sdxl-single"], "sdxl_fp32", dtype="fp32")
