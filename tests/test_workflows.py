@@ -1,0 +1,227 @@
+"""The bundled workflows (every workflows/*.json, found automatically) run end to end in the real executor:
+converted to API prompts by the real frontend (harness.runner), scaled down (final image <= 256 px on the long
+side, 1 step per sampler) and executed on generated checkpoints, producing images of the expected sizes. Plus
+the runner's prompt rewriting, and the memory estimate of a patched model against a measured peak."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import linfusion_fixtures, runner
+from harness.frontend import Frontend, chromium_path
+from harness.host import default_server
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+FINAL_LONG_SIDE = 256
+
+needs_browser = pytest.mark.skipif(chromium_path() is None, reason="no chromium (python3 dev.py test installs it)")
+
+
+def workflow_family(wf: dict) -> str:
+    names = [str(v) for n in wf["nodes"] if n["type"] == "LinFusionLoader" for v in n.get("widgets_values", [])]
+    return "sdxl" if any("XL" in v for v in names) else "sd15"
+
+
+def has_node(wf: dict, type_: str) -> bool:
+    return any(n["type"] == type_ for n in wf["nodes"])
+
+
+@pytest.fixture(scope="session")
+def wf_inputs(base_dir, install_checkpoint):
+    """Installs what the workflows need on the host; returns pick(family) -> (ckpt_name, linfusion_name)."""
+    from PIL import Image
+    inp = base_dir / "input"
+    inp.mkdir(parents=True, exist_ok=True)
+    if not (inp / "example.png").exists():  # the LoadImage default of the upscale workflow
+        Image.linear_gradient("L").resize((96, 64)).convert("RGB").save(inp / "example.png")
+    if any(has_node(json.loads(p.read_text()), "ControlNetLoader") for p in WORKFLOWS):
+        try:
+            from harness.controlnet_fixtures import install_controlnet
+            install_controlnet(base_dir)
+        except ImportError:
+            pass
+    made = {}
+
+    def pick(family: str):
+        if family not in made:
+            name = f"tests-workflows/{family}"
+            dest = base_dir / "models" / "linfusion" / name
+            if not (dest / "diffusion_pytorch_model.safetensors").exists():
+                linfusion_fixtures.write(family, dest, layout="folder", seed=21)
+            made[family] = (install_checkpoint(family), f"{name}/diffusion_pytorch_model.safetensors")
+        return made[family]
+    return pick
+
+
+@pytest.fixture(scope="module")
+def frontend(server):
+    if chromium_path() is None:
+        pytest.skip("no chromium")
+    with Frontend(server.url) as fe:
+        yield fe
+
+
+def scaled_prompt(api: dict, object_info: dict) -> tuple[dict, float]:
+    sizes = [max(n["inputs"].get("width", 0), n["inputs"].get("height", 0)) for n in api.values()
+             if n["class_type"] in ("EmptyLatentImage", "ImageScale")]
+    scale = FINAL_LONG_SIDE / max(sizes)
+    return runner.scale_prompt(api, object_info, scale=scale, steps_scale=0.001), scale
+
+
+def expected_image_size(api: dict, nid: str):
+    """The pixel size an image output should have: traced back through decode/sampler/encode to a size node."""
+    node, seen = api.get(nid), 0
+    while node is not None and seen < 30:
+        seen += 1
+        ins = node["inputs"]
+        if node["class_type"] in ("EmptyLatentImage", "ImageScale") and ins.get("width"):
+            return [ins["width"], ins["height"]]
+        src = next((ins[k] for k in ("images", "samples", "latent_image", "pixels", "image") if k in ins), None)
+        node = api.get(str(src[0])) if isinstance(src, list) else None
+    return None
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def _execute(srv, fe, path, pick, object_info):
+    wf = json.loads(path.read_text())
+    ckpt, lf = pick(workflow_family(wf))
+    api = fe.to_api(wf)
+    api = runner.set_models(api, ckpt=ckpt, linfusion=lf)
+    api, scale = scaled_prompt(api, object_info)
+    res = runner.run_prompt(srv.url, api, srv.proc.pid, timeout=900)
+    assert res["status"] == "success", res.get("error")
+    runner.collect(res, api, Path(srv.base_dir), None, runner.stage_of_nodes(wf))
+    return wf, api, res
+
+
+def _check_images(wf, api, res):
+    outs = {str(n["id"]) for n in wf["nodes"] if n["type"] in ("SaveImage", "PreviewImage") and n.get("mode", 0) == 0}
+    got = {}
+    for img in res["images"]:
+        got.setdefault(str(img["node"]), []).append(img)
+    assert set(got) == outs, (sorted(got), sorted(outs))
+    for nid, imgs in got.items():
+        want = expected_image_size(api, nid)
+        for img in imgs:
+            assert img.get("size") == want, (api[nid]["class_type"], nid, img, want)
+    saved = [i for i in res["images"] if i["class_type"] == "SaveImage"]
+    assert saved, "the final image is saved"
+    return max((i["size"] for i in saved), key=lambda s: s[0] * s[1])
+
+
+@needs_browser
+@pytest.mark.parametrize("path", [p for p in WORKFLOWS if workflow_family(json.loads(p.read_text())) == "sd15"],
+                         ids=lambda p: p.stem)
+def test_workflow_runs_scaled_down(server, frontend, wf_inputs, object_info, path):
+    wf, api, res = _execute(server, frontend, path, wf_inputs, object_info)
+    final = _check_images(wf, api, res)
+    assert max(final) == FINAL_LONG_SIDE
+    # every sampler ran on a LinFusion-patched model
+    for nid, n in api.items():
+        if n["class_type"].startswith("KSampler"):
+            src = api[str(n["inputs"]["model"][0])]
+            assert src["class_type"] == "ApplyLinFusion", (nid, src["class_type"])
+    print(json.dumps([{k: s[k] for k in ("stage", "seconds", "rss_peak")} for s in res["stages"]], indent=1))
+
+
+@needs_browser
+@pytest.mark.parametrize("path", [p for p in WORKFLOWS if workflow_family(json.loads(p.read_text())) == "sdxl"],
+                         ids=lambda p: p.stem)
+def test_sdxl_workflow_runs_scaled_down(server, frontend, wf_inputs, object_info, path):
+    """SD-XL (2.6 B parameters): a server of its own with fp16 weights, freed afterwards."""
+    server.free()
+    with default_server(extra_args=["--fp16-unet", "--fp16-text-enc"]) as srv:
+        wf, api, res = _execute(srv, frontend, path, wf_inputs, object_info)
+        _check_images(wf, api, res)
+
+
+# ------------------------------------------------------------------------------------------- prompt rewriting
+def test_scale_and_bypass_rewrite_the_api_prompt(object_info):
+    api = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
+        "2": {"class_type": "LinFusionLoader", "inputs": {"linfusion_name": "Yuanshi/LinFusion-1-5"}},
+        "3": {"class_type": "ApplyLinFusion", "inputs": {"model": ["1", 0], "linfusion": ["2", 0],
+                                                          "softmax_below_tokens": 16384}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 512, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "steps": 20, "denoise": 0.4, "seed": 1,
+                                                    "latent_image": ["4", 0]}},
+        "6": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["5", 0], "tile_size": 2048, "overlap": 512}},
+        "7": {"class_type": "ImageScale", "inputs": {"image": ["6", 0], "width": 16384, "height": 8192}},
+    }
+    s = runner.scale_prompt(api, object_info, scale=1 / 64, steps_scale=0.1)
+    assert s["4"]["inputs"]["width"] == 16 and s["4"]["inputs"]["height"] == 16  # EmptyLatentImage min 16
+    assert s["7"]["inputs"]["width"] == 256 and s["7"]["inputs"]["height"] == 128
+    assert s["5"]["inputs"]["steps"] == 2 and s["5"]["inputs"]["denoise"] == 0.4
+    assert s["3"]["inputs"]["softmax_below_tokens"] == 4  # tokens scale with area
+    assert s["6"]["inputs"]["tile_size"] == 256
+    assert api["7"]["inputs"]["width"] == 16384  # input untouched
+    b = runner.bypass_linfusion(s)
+    assert "3" not in b and "2" not in b and b["5"]["inputs"]["model"] == ["1", 0]
+    m = runner.set_models(api, ckpt="y.safetensors", linfusion="z.safetensors")
+    assert m["1"]["inputs"]["ckpt_name"] == "y.safetensors" and m["2"]["inputs"]["linfusion_name"] == "z.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- memory estimate
+MEASURE = r'''
+import gc, importlib.util, json, sys
+comfy_dir, repo, ckpt, lf, sizes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+sys.path.insert(0, comfy_dir)
+from comfy.cli_args import args; args.cpu = True
+import torch, comfy.sd, comfy.sample, comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("LFpack", repo + "/__init__.py", submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules["LFpack"] = pack; spec.loader.exec_module(pack)
+m = comfy.sd.load_diffusion_model(ckpt)
+m = pack.nodes.patching.apply_linfusion(m, pack.linfusion_core.checkpoint.load_checkpoint(lf), 0)
+est = pack.nodes.memory.installed_estimate(m)
+mm.load_models_gpu([m])
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+out = []
+with torch.inference_mode():
+    c = torch.randn(1, 77, 768)
+    m.model.apply_model(torch.randn(1, 4, 8, 8), torch.tensor([1.5]), c_crossattn=c)
+    for w, h in sizes:
+        x = torch.randn(1, 4, h // 8, w // 8)
+        gc.collect()
+        open("/proc/self/clear_refs", "w").write("5")   # reset VmHWM (peak RSS)
+        base = status("VmRSS")
+        m.model.apply_model(x, torch.tensor([1.5]), c_crossattn=c)
+        out.append({"w": w, "h": h, "peak": status("VmHWM") - base, "estimate": est(tuple(x.shape)),
+                    "stock": m.model.memory_required(tuple(x.shape))})
+    # During sampling the estimate is the model's own memory_required (what the batching check reads).
+    noise = torch.randn(1, 4, 8, 8)
+    pos = [[torch.randn(1, 77, 768), {}]]
+    comfy.sample.sample(m, noise, 1, 1.0, "euler", "normal", pos, pos, torch.zeros_like(noise), seed=0)
+    seen = m.model.memory_required((2, 4, 64, 128))
+print(json.dumps({"sizes": out, "during_sampling": seen, "expected": est((2, 4, 64, 128)),
+                  "object_patch": "memory_required" in m.object_patches}))
+'''
+
+
+def test_memory_estimate_matches_measured_peak(host, base_dir):
+    """Peak RSS growth of one patched UNet step (CPU, fp32, batch 1) at 512x256 and 1024x512 against the
+    patched model's memory_required: the estimate covers the peak and is within 2x of it."""
+    from harness import fixtures
+    lf = linfusion_fixtures.write("sd15", base_dir / "models" / "linfusion" / "tests-workflows" / "mem", seed=5)
+    sizes = [[512, 256], [1024, 512]]
+    proc = subprocess.run([host["python"], "-c", MEASURE, host["comfyui"], str(REPO),
+                           str(fixtures.ensure("sd15-unet")), str(lf), json.dumps(sizes)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(res, indent=1))
+    for r in res["sizes"]:
+        assert r["peak"] <= r["estimate"] <= 2.0 * r["peak"], r
+        assert r["estimate"] < r["stock"], r  # below ComfyUI's stock formula at these sizes
+    assert res["object_patch"] and res["during_sampling"] == res["expected"]

@@ -1,0 +1,247 @@
+"""Regenerate the bundled workflows (and their preview cards) with the real ComfyUI frontend.
+
+    LINFUSION_HOST_DIR=.host .host/venv/bin/python workflows/build.py
+
+Each graph below is assembled *inside* the frontend the host serves (nodes created by type, widgets set by name,
+links connected) and serialized by the frontend itself, so the files are byte-for-byte the UI format it saves
+and drags in. This script is a maintenance tool; the tests only read the .json files.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+COL = 420  # px between stage columns
+
+
+class Spec:
+    def __init__(self):
+        self.nodes, self.groups = [], []
+
+    def add(self, key, type_, pos, widgets=None, inputs=None, title=None, size=None, **kw):
+        self.nodes.append(dict(key=key, type=type_, pos=list(pos), widgets=widgets or {}, inputs=inputs or {},
+                               title=title, size=size, **kw))
+        return key
+
+    def group(self, title, x, y, w, h, color="#3f789e"):
+        self.groups.append(dict(title=title, pos=[x, y], size=[w, h], color=color))
+
+    def as_dict(self):
+        return {"nodes": self.nodes, "groups": self.groups}
+
+
+def _ksampler(steps, denoise, cfg, seed, sampler, scheduler):
+    return {"seed": seed, "control_after_generate": "fixed", "steps": steps, "cfg": cfg, "sampler_name": sampler,
+            "scheduler": scheduler, "denoise": denoise}
+
+
+def chain(s: Spec, *, model, pos, neg, vae, first_image, stages, tiled_from, prefix, cfg, seed, sampler, scheduler,
+          x0, tile_encode, tile_decode):
+    """SDEdit stages: ImageScale (bicubic, exact size) -> VAE encode -> KSampler(steps, denoise) -> VAE decode.
+    stages: [(width, height, steps, denoise)]. Returns the key of the last decoded image."""
+    img = first_image
+    for i, (w, h, steps, denoise) in enumerate(stages):
+        x = x0 + i * COL
+        tiled = w * h >= tiled_from
+        k = f"s{i}"
+        s.group(f"Stage {i + 2}: {w}x{h}, denoise {denoise} ({steps} of {round(steps / denoise)} steps)"
+                f"{', tiled VAE' if tiled else ''}", x - 10, 40, COL - 20, 1000)
+        s.add(k + "scale", "ImageScale", (x, 80), {"upscale_method": "bicubic", "width": w, "height": h,
+                                                   "crop": "disabled"}, {"image": (img, 0)})
+        if tiled:
+            s.add(k + "enc", "VAEEncodeTiled", (x, 260), {"tile_size": tile_encode[0], "overlap": tile_encode[1],
+                                                         "temporal_size": 64, "temporal_overlap": 8},
+                  {"pixels": (k + "scale", 0), "vae": vae})
+        else:
+            s.add(k + "enc", "VAEEncode", (x, 260), {}, {"pixels": (k + "scale", 0), "vae": vae})
+        s.add(k + "ks", "KSampler", (x, 420), _ksampler(steps, denoise, cfg, seed, sampler, scheduler),
+              {"model": model, "positive": pos, "negative": neg, "latent_image": (k + "enc", 0)})
+        if tiled:
+            s.add(k + "dec", "VAEDecodeTiled", (x, 720), {"tile_size": tile_decode[0], "overlap": tile_decode[1],
+                                                         "temporal_size": 64, "temporal_overlap": 8},
+                  {"samples": (k + "ks", 0), "vae": vae})
+        else:
+            s.add(k + "dec", "VAEDecode", (x, 720), {}, {"samples": (k + "ks", 0), "vae": vae})
+        last = i == len(stages) - 1
+        if last:
+            s.add(k + "out", "SaveImage", (x, 860), {"filename_prefix": prefix}, {"images": (k + "dec", 0)},
+                  size=[320, 120])
+        else:
+            s.add(k + "out", "PreviewImage", (x, 860), {}, {"images": (k + "dec", 0)}, size=[320, 120])
+        img = k + "dec"
+    return img
+
+
+SD15_NOTE = """# LinFusion SD-1.5: text to 16384x8192 (the authors' SDEdit chain)
+
+1024x512 text-to-image, then four 2x stages: each resizes the previous image (ImageScale, bicubic, exact size), encodes it, and re-denoises with **denoise 0.4 / 0.3 / 0.2 / 0.1** at 2048x1024 / 4096x2048 / 8192x4096 / 16384x8192.
+
+**Steps.** KSampler with denoise d < 1 runs `steps` steps of a `int(steps/d)`-step schedule, so steps 20/15/10/5 with denoise 0.4/0.3/0.2/0.1 are exactly "20/15/10/5 of 50", the authors' recipe. Keep steps/denoise = 50 when you change one.
+
+**LinFusion.** Every KSampler uses the model patched by *Apply LinFusion* (weights `Yuanshi/LinFusion-1-5`, downloaded into models/linfusion/ on first use). `softmax_below_tokens` = 0: LinFusion everywhere, as the authors ran it, because SD-1.5's own attention at 1024x512 (twice its training size) tends to duplicate objects, and LinFusion carries over resolution better. Set it to 16384 to keep stock softmax attention where it is cheap (the base stage and the deeper levels of stage 2).
+
+**VAE.** Tiled encode/decode from the 4K stage on (tile 2048 px, overlap 512 px for encode; 2048/512 for decode, like the reference notebook). Lower tile_size if the VAE runs out of memory.
+
+**Memory.** 16K with SD-1.5 wants a GPU with ~40-80 GB; the peak is the 16K KSampler. Intermediates are shown by Preview Image; only the final image is saved.
+
+Checkpoint: any SD-1.5 model (the authors used dreamshaper-8). Sampler deis + ddim_uniform mirror their DEIS multistep scheduler with leading spacing; seed fixed for every stage."""
+
+SDXL_NOTE = """# LinFusion SD-XL: text to 16384x8192
+
+Base 1024x512, then 2x, 4x, 8x, 16x stages (2048x1024 ... 16384x8192) with **denoise 0.32 / 0.24 / 0.16 / 0.08** (steps 16/12/8/4 = those fractions of a 50-step schedule, the authors' SD-XL strengths).
+
+**Base stage: stock attention.** The base KSampler uses *Apply LinFusion (base)* with `softmax_below_tokens` = 16384: at 1024x512 every layer sees at most 8192 tokens, so the whole base stage runs SD-XL's own softmax attention, which is cheap there and gives SD-XL's own image (the authors' low-memory chain also starts from plain SD-XL). The upscale stages use *Apply LinFusion* with 0 (linear attention everywhere), where softmax would be quadratic.
+
+**Conditioning.** CLIPTextEncodeSDXL with size and target size = the final 16384x8192 for every stage, as in the authors' pipeline; the negative is zeroed (ConditioningZeroOut), like their `negative_prompt=None`. CFG 5 for the base, 7.5 for the upscale stages.
+
+**Not included:** the DemoFusion-style dilated global path and skip residual of the authors' SD-XL pipeline (no node for them yet); this is plain SDEdit with LinFusion, sampler euler + ddim_uniform (their Euler with leading spacing).
+
+**VAE.** Tiled from the 4K stage on (1024 px tiles, 256 px overlap: SD-XL's defaults in diffusers)."""
+
+UPSCALE_NOTE = """# LinFusion: upscale your own image in 2x stages
+
+Load Image -> fit to 1024x1024 (ImageScale, crop center) -> 2048x2048 (denoise 0.3) -> 4096x4096 (denoise 0.2), each stage re-denoised by an SD-1.5 KSampler on the LinFusion-patched model.
+
+**Chosen size.** Set the ImageScale width/height of each stage; keep each stage 2x the previous one (SDEdit works best in 2x steps). For 8K add a stage: copy the last group, set 8192x8192 and denoise 0.1 / steps 5. For non-square images set all sizes to your aspect ratio (crop center at the first node only).
+
+**Strength.** denoise 0.3/0.2 adds detail while keeping your picture; raise it for more new detail, lower it for fidelity. Steps = denoise x 50 keeps a 50-step schedule (KSampler runs `steps` of `int(steps/denoise)`).
+
+**Prompt.** Describe the image; the prompt steers the new detail. LinFusion: `Yuanshi/LinFusion-1-5`, `softmax_below_tokens` 0 (every stage is above SD-1.5's training size). VAE tiled at every stage (1024 px tiles) since the input size is yours."""
+
+
+def sd15_16k() -> Spec:
+    s = Spec()
+    s.add("note", "MarkdownNote", (-900, 80), {"text": SD15_NOTE}, size=[440, 760])
+    s.add("ckpt", "CheckpointLoaderSimple", (-420, 80), {"ckpt_name": SD15_CKPT})
+    s.add("lfload", "LinFusionLoader", (-420, 260), {"linfusion_name": "Yuanshi/LinFusion-1-5"})
+    s.add("lf", "ApplyLinFusion", (-420, 380), {"softmax_below_tokens": 0},
+          {"model": ("ckpt", 0), "linfusion": ("lfload", 0)})
+    s.add("pos", "CLIPTextEncode", (-420, 540), {"text": "A photo of the Milky Way galaxy"}, {"clip": ("ckpt", 1)},
+          title="Prompt")
+    s.add("neg", "CLIPTextEncode", (-420, 780), {"text": ""}, {"clip": ("ckpt", 1)}, title="Negative prompt")
+    s.group("Stage 1: 1024x512 text to image (50 steps)", 0 - 10, 40, COL - 20, 1000, color="#8A8")
+    s.add("empty", "EmptyLatentImage", (0, 80), {"width": 1024, "height": 512, "batch_size": 1})
+    s.add("ks0", "KSampler", (0, 420), _ksampler(50, 1.0, 7.5, 3, "deis", "ddim_uniform"),
+          {"model": ("lf", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("empty", 0)})
+    s.add("dec0", "VAEDecode", (0, 720), {}, {"samples": ("ks0", 0), "vae": ("ckpt", 2)})
+    s.add("prev0", "PreviewImage", (0, 860), {}, {"images": ("dec0", 0)}, size=[320, 120])
+    chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="dec0",
+          stages=[(2048, 1024, 20, 0.4), (4096, 2048, 15, 0.3), (8192, 4096, 10, 0.2), (16384, 8192, 5, 0.1)],
+          tiled_from=4096 * 2048, prefix="LinFusion_sd15_16k", cfg=7.5, seed=3, sampler="deis",
+          scheduler="ddim_uniform", x0=COL, tile_encode=(2048, 512), tile_decode=(2048, 512))
+    return s
+
+
+def sdxl_16k() -> Spec:
+    s = Spec()
+    W, H = 16384, 8192
+    s.add("note", "MarkdownNote", (-900, 80), {"text": SDXL_NOTE}, size=[440, 760])
+    s.add("ckpt", "CheckpointLoaderSimple", (-420, 80), {"ckpt_name": SDXL_CKPT})
+    s.add("lfload", "LinFusionLoader", (-420, 220), {"linfusion_name": "Yuanshi/LinFusion-XL"})
+    s.add("lfbase", "ApplyLinFusion", (-420, 330), {"softmax_below_tokens": 16384},
+          {"model": ("ckpt", 0), "linfusion": ("lfload", 0)}, title="Apply LinFusion (base: stock attention)")
+    s.add("lf", "ApplyLinFusion", (-420, 470), {"softmax_below_tokens": 0},
+          {"model": ("ckpt", 0), "linfusion": ("lfload", 0)}, title="Apply LinFusion (upscale stages)")
+    cond = {"width": W, "height": H, "crop_w": 0, "crop_h": 0, "target_width": W, "target_height": H}
+    s.add("pos", "CLIPTextEncodeSDXL", (-420, 610),
+          dict(cond, text_g="A photo of the Milky Way galaxy", text_l="A photo of the Milky Way galaxy"),
+          {"clip": ("ckpt", 1)}, title="Prompt (SD-XL, final size)")
+    s.add("negtxt", "CLIPTextEncodeSDXL", (-420, 1000), dict(cond, text_g="", text_l=""), {"clip": ("ckpt", 1)},
+          title="Negative (zeroed below)")
+    s.add("neg", "ConditioningZeroOut", (-420, 1380), {}, {"conditioning": ("negtxt", 0)})
+    s.group("Stage 1: 1024x512 base (50 steps, stock attention)", -10, 40, COL - 20, 1000, color="#8A8")
+    s.add("empty", "EmptyLatentImage", (0, 80), {"width": 1024, "height": 512, "batch_size": 1})
+    s.add("ks0", "KSampler", (0, 420), _ksampler(50, 1.0, 5.0, 42, "euler", "ddim_uniform"),
+          {"model": ("lfbase", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("empty", 0)})
+    s.add("dec0", "VAEDecode", (0, 720), {}, {"samples": ("ks0", 0), "vae": ("ckpt", 2)})
+    s.add("prev0", "PreviewImage", (0, 860), {}, {"images": ("dec0", 0)}, size=[320, 120])
+    chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="dec0",
+          stages=[(2048, 1024, 16, 0.32), (4096, 2048, 12, 0.24), (8192, 4096, 8, 0.16), (16384, 8192, 4, 0.08)],
+          tiled_from=4096 * 2048, prefix="LinFusion_sdxl_16k", cfg=7.5, seed=42, sampler="euler",
+          scheduler="ddim_uniform", x0=COL, tile_encode=(1024, 256), tile_decode=(1024, 256))
+    return s
+
+
+def upscale_image() -> Spec:
+    s = Spec()
+    s.add("note", "MarkdownNote", (-900, 80), {"text": UPSCALE_NOTE}, size=[440, 700])
+    s.add("ckpt", "CheckpointLoaderSimple", (-420, 80), {"ckpt_name": SD15_CKPT})
+    s.add("lfload", "LinFusionLoader", (-420, 260), {"linfusion_name": "Yuanshi/LinFusion-1-5"})
+    s.add("lf", "ApplyLinFusion", (-420, 380), {"softmax_below_tokens": 0},
+          {"model": ("ckpt", 0), "linfusion": ("lfload", 0)})
+    s.add("pos", "CLIPTextEncode", (-420, 540), {"text": "a highly detailed photo, sharp focus"},
+          {"clip": ("ckpt", 1)}, title="Prompt (describe your image)")
+    s.add("neg", "CLIPTextEncode", (-420, 780), {"text": "blurry, lowres"}, {"clip": ("ckpt", 1)},
+          title="Negative prompt")
+    s.group("Your image, fitted to 1024x1024", -10, 40, COL - 20, 1000, color="#8A8")
+    s.add("load", "LoadImage", (0, 80), {"image": "example.png"}, size=[320, 360])
+    s.add("fit", "ImageScale", (0, 480), {"upscale_method": "bicubic", "width": 1024, "height": 1024,
+                                          "crop": "center"}, {"image": ("load", 0)})
+    chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="fit",
+          stages=[(2048, 2048, 15, 0.3), (4096, 4096, 10, 0.2)], tiled_from=0, prefix="LinFusion_upscale",
+          cfg=7.0, seed=0, sampler="dpmpp_2m", scheduler="karras", x0=COL, tile_encode=(1024, 128),
+          tile_decode=(1024, 128))
+    return s
+
+
+WORKFLOWS = {
+    "linfusion_sd15_16k": (sd15_16k, "SD-1.5 + LinFusion: text to 16384x8192",
+                           ["1024x512 txt2img, 50 steps", "2048x1024  denoise 0.4", "4096x2048  denoise 0.3 (tiled VAE)",
+                            "8192x4096  denoise 0.2 (tiled VAE)", "16384x8192 denoise 0.1 (tiled VAE)"]),
+    "linfusion_sdxl_16k": (sdxl_16k, "SD-XL + LinFusion: text to 16384x8192",
+                           ["1024x512 base, 50 steps, stock attention", "2048x1024  denoise 0.32",
+                            "4096x2048  denoise 0.24 (tiled VAE)", "8192x4096  denoise 0.16 (tiled VAE)",
+                            "16384x8192 denoise 0.08 (tiled VAE)"]),
+    "linfusion_upscale_image": (upscale_image, "LinFusion: upscale your image in 2x stages",
+                                ["your image -> 1024x1024", "2048x2048  denoise 0.3", "4096x4096  denoise 0.2",
+                                 "(add stages for 8K / 16K)"]),
+}
+
+
+def preview(path: Path, title: str, lines: list) -> None:
+    """A title card: the stage chain as boxes growing 2x (no real weights exist here to render a sample)."""
+    from PIL import Image, ImageDraw, ImageFont
+    W, H = 1024, 512
+    im = Image.new("RGB", (W, H), (18, 22, 34))
+    d = ImageDraw.Draw(im)
+    try:
+        font = ImageFont.truetype("DejaVuSans-Bold.ttf", 34)
+        small = ImageFont.truetype("DejaVuSans.ttf", 20)
+    except OSError:
+        font = small = ImageFont.load_default()
+    d.text((32, 24), title, fill=(240, 240, 250), font=font)
+    x, base_y = 40, 470
+    for i, line in enumerate(lines):
+        w = 40 * (1.45 ** i)
+        h = w / 2
+        col = (60 + 35 * i, 110 + 20 * i, 200 - 25 * i)
+        d.rectangle([x, base_y - h, x + w, base_y], outline=col, width=3)
+        x += w + 18
+        d.text((560, 110 + 46 * i), f"{i + 1}. {line}", fill=col, font=small)
+    d.text((32, 76), "ComfyUI-LinFusion workflow (linear attention: memory grows with area)", fill=(150, 160, 180),
+           font=small)
+    im.save(path, quality=88)
+
+
+def main() -> int:
+    from harness.frontend import Frontend
+    from harness.host import default_server
+    names = sys.argv[1:] or list(WORKFLOWS)
+    with default_server() as srv, Frontend(srv.url) as fe:
+        for name in names:
+            make, title, lines = WORKFLOWS[name]
+            wf = fe.build(make().as_dict())
+            (HERE / f"{name}.json").write_text(json.dumps(wf, indent=2) + "\n")
+            preview(HERE / f"{name}.jpg", title, lines)
+            print(f"wrote workflows/{name}.json ({len(wf['nodes'])} nodes) and {name}.jpg")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
