@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     cmd, rest = argv[0], argv[1:]
-    info = env.setup(with_browser=(cmd == "test"))
+    info = env.setup(with_browser=(cmd in ("test", "main")))  # main: the runner converts workflows in the real frontend
     child = env.child_env(info)
     if cmd == "setup":
         print(info)

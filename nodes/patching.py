@@ -82,6 +82,7 @@ def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int 
     if hasattr(m, "size") and isinstance(m.size, int) and m.size > 0:
         m.size += extra_bytes
     # memory-estimate hook (issue: 16K graph runs) goes here
+    from .memory import install_memory_estimate; install_memory_estimate(m, softmax_below_tokens)  # noqa: E702
     log.info("LinFusion: %s -> %d self-attention layers of the %s model (%s)", ckpt.path.name, len(mapped), family,
              "own projections" if mapped[0][0].has_projections else "base projections")
     return m

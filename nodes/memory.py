@@ -1,0 +1,105 @@
+"""A memory estimate for LinFusion-patched models that matches what they use, measured.
+
+ComfyUI sizes its decisions from ``BaseModel.memory_required(input_shape, cond_shapes={})``: 0.15 MB per latent
+pixel (x batch) x ``memory_usage_factor`` (SD-1.5: 1.0) without xformers/flash attention. Stock SD attention
+actually grows faster than that (quadratically in tokens at the first level). With LinFusion every layer is
+linear in the token count, so the true peak of one UNet step is a straight line in latent area, far below the
+stock figure at high resolution.
+
+Measured (see README, "Memory of a patched model"): peak resident-memory growth of one UNet step (CPU, fp32,
+SD-1.5 UNet, batch 1), via VmHWM reset through /proc/self/clear_refs, at 512x256 ... 2048x1024 px. A straight
+line through those points, scaled by the inference dtype size (fp16/bf16 activations take half of fp32) and by
+``MARGIN``, is what ``install_memory_estimate`` reports.
+
+Scope: the estimate is an object patch on ``memory_required`` of the patched clone. ComfyUI's pre-load estimate
+(``sampler_helpers.estimate_memory``) runs before object patches are applied, so it still uses the stock
+formula (conservative for LinFusion); the per-step batching check in ``samplers._calc_cond_batch`` (whether
+cond and uncond fit in one batch, how many area conds run together) sees this estimate.
+"""
+from __future__ import annotations
+
+import math
+
+# Bytes per latent pixel per batch row and a fixed part, fp32 activations, from the measured peaks
+# (least-squares line; see README). Keyed by ComfyUI model_config class name.
+_SD15 = {"per_pixel": 38_000.0, "fixed": 120e6, "measured": "SD-1.5 UNet, CPU fp32, 512x256..2048x1024"}
+MEASURED = {
+    "SD15": _SD15,
+    # Same UNet widths and depths as SD-1.5 (only head sizes and linear proj_in/out differ); not measured apart.
+    "SD20": _SD15, "SD21UnclipL": _SD15, "SD21UnclipH": _SD15,
+}
+MARGIN = 1.25  # allocator slack and variation between back-ends
+
+
+def linear_estimate(input_shape, dtype_size: int = 4, coeff: dict = _SD15, margin: float = MARGIN) -> float:
+    area = input_shape[0] * math.prod(input_shape[2:])
+    return (coeff["per_pixel"] * area * dtype_size / 4.0 + coeff["fixed"]) * margin
+
+
+def _dtype_size(base_model) -> int:
+    try:
+        import comfy.model_management as mm
+        dtype = base_model.get_dtype()
+        if getattr(base_model, "manual_cast_dtype", None) is not None:
+            dtype = base_model.manual_cast_dtype
+        return mm.dtype_size(dtype)
+    except Exception:
+        return 4
+
+
+WRAPPER_KEY = "linfusion_memory_estimate"
+
+
+def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, coefficients: dict | None = None):
+    """``memory_required(input_shape, cond_shapes={})`` for a LinFusion-patched ``model_patcher``, or None for
+    families without a measurement (they keep ComfyUI's own estimate)."""
+    base = model_patcher.model
+    coeff = coefficients or MEASURED.get(type(base.model_config).__name__)
+    if coeff is None:
+        return None
+    stock = base.memory_required  # the BaseModel's own method (unpatched)
+    threshold = int(softmax_below_tokens or 0)
+
+    def memory_required(input_shape, cond_shapes={}):
+        tokens = math.prod(input_shape[2:])
+        if threshold and tokens < threshold:
+            return stock(input_shape, cond_shapes=cond_shapes)
+        return linear_estimate(input_shape, _dtype_size(base), coeff)
+
+    return memory_required
+
+
+def install_memory_estimate(model_patcher, softmax_below_tokens: int = 0, coefficients: dict | None = None):
+    """Make ``model_patcher`` (a patched clone) report LinFusion's measured linear memory: an object patch
+    "memory_required" with the signature ``(input_shape, cond_shapes={})``.
+
+    The object patch is added when sampling starts (an OUTER_SAMPLE wrapper, which runs before the model is
+    loaded and its object patches applied), so the patcher's object_patches hold only attention layers until
+    then. Families without a measurement keep ComfyUI's own estimate. Below ``softmax_below_tokens`` first-level
+    tokens the stock estimate is used, since those layers then run softmax attention."""
+    fn = memory_estimate_function(model_patcher, softmax_below_tokens, coefficients)
+    if fn is None:
+        return model_patcher
+    import comfy.patcher_extension as pe
+
+    def outer_sample(executor, *args, **kwargs):
+        patcher = executor.class_obj.model_patcher
+        if patcher.object_patches.get("memory_required") is not fn:
+            patcher.add_object_patch("memory_required", fn)
+        return executor(*args, **kwargs)
+
+    outer_sample.memory_required = fn
+    model_patcher.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    model_patcher.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
+    return model_patcher
+
+
+def installed_estimate(model_patcher):
+    """The memory_required function install_memory_estimate put on this patcher (None if none)."""
+    patched = model_patcher.object_patches.get("memory_required")
+    if patched is not None:
+        return patched
+    import comfy.patcher_extension as pe
+    for fn in model_patcher.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        return fn.memory_required
+    return None
