@@ -97,7 +97,7 @@ def _execute(srv, fe, path, pick, object_info):
     api = fe.to_api(wf)
     api = runner.set_models(api, ckpt=ckpt, linfusion=lf)
     api, scale = scaled_prompt(api, object_info)
-    res = runner.run_prompt(srv.url, api, srv.proc.pid, timeout=900)
+    res = runner.run_prompt(srv.url, api, srv.proc.pid, timeout=3600)
     assert res["status"] == "success", res.get("error")
     runner.collect(res, api, Path(srv.base_dir), None, runner.stage_of_nodes(wf))
     return wf, api, res
@@ -112,6 +112,8 @@ def _check_images(wf, api, res):
     for nid, imgs in got.items():
         want = expected_image_size(api, nid)
         for img in imgs:
+            if img["kind"] == "temp" and "size" not in img:
+                continue  # another server started on the shared base dir cleans temp/ (previews) at start-up
             assert img.get("size") == want, (api[nid]["class_type"], nid, img, want)
     saved = [i for i in res["images"] if i["class_type"] == "SaveImage"]
     assert saved, "the final image is saved"
