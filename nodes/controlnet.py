@@ -234,6 +234,9 @@ def apply_linfusion_controlnet(control_net, ckpt: LinFusionCheckpoint):
                             load_device=control_net.load_device, manual_cast_dtype=control_net.manual_cast_dtype)
     c.control_model = cldm
     c.control_model_wrapped = src.clone()
+    for path, obj in list(c.control_model_wrapped.object_patches.items()):
+        if isinstance(obj, LinFusionAttention):  # an earlier LinFusion is replaced, not layered under this one
+            del c.control_model_wrapped.object_patches[path]
     control_net.copy_to(c)
     extra_bytes = 0
     for lw, path, name in found:

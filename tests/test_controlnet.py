@@ -174,6 +174,11 @@ def test_applying_twice_replaces(cn, lf, sd15_cn):
     layer = twice.control_model_wrapped.object_patches[path]
     assert layer._base is sd15_cn.control_model_wrapped.get_model_object(path)
     assert len(rep.patched) == SD15_ENCODER_LAYERS
+    # a file covering fewer layers leaves no earlier LinFusion layer behind
+    import dataclasses
+    partial = dataclasses.replace(lf["sd15"], layers=[lw for lw in lf["sd15"].layers if lw.index != 0])
+    third, rep = cn.apply_linfusion_controlnet(twice, partial)
+    assert path not in third.control_model_wrapped.object_patches and rep.skipped[0][0] == path
 
 
 def test_mismatch_names_file_and_controlnet_family(cn, lf, sd15_cn, pack):
