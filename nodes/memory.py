@@ -47,9 +47,6 @@ def _dtype_size(base_model) -> int:
         return 4
 
 
-WRAPPER_KEY = "linfusion_memory_estimate"
-
-
 def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, coefficients: dict | None = None):
     """``memory_required(input_shape, cond_shapes={})`` for a LinFusion-patched ``model_patcher``, or None for
     families without a measurement (they keep ComfyUI's own estimate)."""
@@ -57,7 +54,7 @@ def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, coeff
     coeff = coefficients or MEASURED.get(type(base.model_config).__name__)
     if coeff is None:
         return None
-    stock = base.memory_required  # the BaseModel's own method (unpatched)
+    stock = type(base).memory_required.__get__(base)  # the class's own method, whatever is patched in now
     threshold = int(softmax_below_tokens or 0)
 
     def memory_required(input_shape, cond_shapes={}):
@@ -71,35 +68,15 @@ def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, coeff
 
 def install_memory_estimate(model_patcher, softmax_below_tokens: int = 0, coefficients: dict | None = None):
     """Make ``model_patcher`` (a patched clone) report LinFusion's measured linear memory: an object patch
-    "memory_required" with the signature ``(input_shape, cond_shapes={})``.
-
-    The object patch is added when sampling starts (an OUTER_SAMPLE wrapper, which runs before the model is
-    loaded and its object patches applied), so the patcher's object_patches hold only attention layers until
-    then. Families without a measurement keep ComfyUI's own estimate. Below ``softmax_below_tokens`` first-level
-    tokens the stock estimate is used, since those layers then run softmax attention."""
+    "memory_required" with the signature ``(input_shape, cond_shapes={})``. Families without a measurement keep
+    ComfyUI's own estimate. Below ``softmax_below_tokens`` first-level tokens the stock estimate is used, since
+    those layers then run softmax attention."""
     fn = memory_estimate_function(model_patcher, softmax_below_tokens, coefficients)
-    if fn is None:
-        return model_patcher
-    import comfy.patcher_extension as pe
-
-    def outer_sample(executor, *args, **kwargs):
-        patcher = executor.class_obj.model_patcher
-        if patcher.object_patches.get("memory_required") is not fn:
-            patcher.add_object_patch("memory_required", fn)
-        return executor(*args, **kwargs)
-
-    outer_sample.memory_required = fn
-    model_patcher.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    model_patcher.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
+    if fn is not None:
+        model_patcher.add_object_patch("memory_required", fn)
     return model_patcher
 
 
 def installed_estimate(model_patcher):
     """The memory_required function install_memory_estimate put on this patcher (None if none)."""
-    patched = model_patcher.object_patches.get("memory_required")
-    if patched is not None:
-        return patched
-    import comfy.patcher_extension as pe
-    for fn in model_patcher.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
-        return fn.memory_required
-    return None
+    return model_patcher.object_patches.get("memory_required")

@@ -11,6 +11,7 @@ import torch
 from ..linfusion_core.checkpoint import LinFusionCheckpoint, LinFusionFileError
 from ..linfusion_core.layer import LinFusionAttention, build_layer
 from ..linfusion_core.mapping import check_widths, layer_map
+from .memory import install_memory_estimate
 
 log = logging.getLogger("LinFusion")
 
@@ -81,8 +82,7 @@ def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int 
         pbar.update(1)
     if hasattr(m, "size") and isinstance(m.size, int) and m.size > 0:
         m.size += extra_bytes
-    # memory-estimate hook (issue: 16K graph runs) goes here
-    from .memory import install_memory_estimate; install_memory_estimate(m, softmax_below_tokens)  # noqa: E702
+    install_memory_estimate(m, softmax_below_tokens)
     log.info("LinFusion: %s -> %d self-attention layers of the %s model (%s)", ckpt.path.name, len(mapped), family,
              "own projections" if mapped[0][0].has_projections else "base projections")
     return m

@@ -65,8 +65,9 @@ def run_unet(m, x, c):
 def test_twin_layouts_patch_identical_layers(ctx, lf):
     a = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["folder"]))
     b = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"]))
-    assert set(a.object_patches) == set(b.object_patches) and len(a.object_patches) == 16
-    for key in a.object_patches:
+    assert set(a.object_patches) == set(b.object_patches)
+    assert len([k for k in a.object_patches if k.endswith(".attn1")]) == 16
+    for key in (k for k in a.object_patches if k.endswith(".attn1")):
         sa, sb = a.object_patches[key].linfusion.state_dict(), b.object_patches[key].linfusion.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), key
@@ -105,7 +106,7 @@ def test_config_names_beat_file_order(ctx, lf, tmp_path):
     (d / "config.json").write_text(json.dumps({"modules_list": [cfg["modules_list"][i] for i in perm]}))
     a = ctx["patching"].apply_linfusion(ctx["unet"], src)
     b = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, d))
-    for key in a.object_patches:
+    for key in (k for k in a.object_patches if k.endswith(".attn1")):
         assert torch.equal(a.object_patches[key].linfusion.to_k_[0].weight, b.object_patches[key].linfusion.to_k_[0].weight)
 
 
@@ -114,7 +115,7 @@ def test_input_model_is_untouched(ctx, lf):
     x, c = _inputs(1)
     before = run_unet(unet, x, c)
     patched = ctx["patching"].apply_linfusion(unet, _load(ctx, lf["single"]))
-    assert unet.object_patches == {} and len(patched.object_patches) == 16
+    assert unet.object_patches == {} and len([k for k in patched.object_patches if k.endswith(".attn1")]) == 16
     lin = run_unet(patched, x, c)
     after = run_unet(unet, x, c)
     assert torch.equal(before, after)
@@ -253,7 +254,7 @@ def test_half_precision_models(ctx, lf, dtype):
     unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")), model_options={"dtype": dtype})
     try:
         patched = ctx["patching"].apply_linfusion(unet, _load(ctx, lf["single"]))
-        layer = next(iter(patched.object_patches.values()))
+        layer = patched.object_patches["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1"]
         assert layer.linfusion.to_q_[0].weight.dtype == dtype
         x, c = _inputs(5)
         y = run_unet(patched, x, c)

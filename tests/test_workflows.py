@@ -200,7 +200,7 @@ with torch.inference_mode():
         base = status("VmRSS")
         m.model.apply_model(x, torch.tensor([1.5]), c_crossattn=c)
         out.append({"w": w, "h": h, "peak": status("VmHWM") - base, "estimate": est(tuple(x.shape)),
-                    "stock": m.model.memory_required(tuple(x.shape))})
+                    "stock": type(m.model).memory_required(m.model, tuple(x.shape))})
     # During sampling the estimate is the model's own memory_required (what the batching check reads).
     noise = torch.randn(1, 4, 8, 8)
     pos = [[torch.randn(1, 77, 768), {}]]
