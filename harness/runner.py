@@ -295,6 +295,17 @@ async def _run_ws(url: str, api: dict, pid: int | None, timeout: float, log=prin
                         break
                     if time.time() > deadline:
                         raise TimeoutError("workflow did not finish in time")
+            if result.get("status") == "success":
+                # Output nodes served from ComfyUI's cache send no "executed" message; the history has them.
+                async with session.get(url + f"/history/{prompt_id}") as r:
+                    hist = await r.json(content_type=None)
+                for nid, out in hist.get(prompt_id, {}).get("outputs", {}).items():
+                    if out.get("images") and not nodes.get(nid, {}).get("images"):
+                        rec = nodes.setdefault(nid, {"node": nid, "cached": True, "seconds": 0.0,
+                                                     "class_type": api.get(str(nid), {}).get("class_type", "?")})
+                        rec["images"] = out["images"]
+                        if nid not in order:
+                            order.append(nid)
             await ws.close()
     finally:
         probe.close()

@@ -5,6 +5,7 @@ the runner's prompt rewriting, and the memory estimate of a patched model agains
 from __future__ import annotations
 
 import json
+import zlib
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,13 @@ def _execute(srv, fe, path, pick, object_info):
     api = fe.to_api(wf)
     api = runner.set_models(api, ckpt=ckpt, linfusion=lf)
     api, scale = scaled_prompt(api, object_info)
+    # Workflows share their first stages; a per-file seed keeps ComfyUI's cache from serving one file's
+    # nodes to the next, so every node of every file really runs here.
+    offset = zlib.crc32(path.stem.encode()) % 100000
+    for node in api.values():
+        for key in ("seed", "noise_seed"):
+            if isinstance(node["inputs"].get(key), int):
+                node["inputs"][key] += offset
     res = runner.run_prompt(srv.url, api, srv.proc.pid, timeout=3600)
     assert res["status"] == "success", res.get("error")
     runner.collect(res, api, Path(srv.base_dir), None, runner.stage_of_nodes(wf))
