@@ -196,7 +196,7 @@ def test_fast_path_temporary_memory_is_bounded():
     N, C, H = 131_072, 320, 8  # q + k + v = 480 MiB of fp32
     m = _probe_memory("linear_attention_torch_fast", N, C, H)
     temporaries = m["extra"] - m["output"]
-    bound = 0.1 * m["input"]  # 10% of q+k+v; the fast path's chunk buffers are ~15 MiB
+    bound = 0.1 * m["input"]  # 10% of q+k+v; the fast path's chunk buffers are ~25 MiB
     assert temporaries <= bound, m
     # Anything that stores N x N scores (even one fp32 score matrix per sample and head) needs
     # N**2 * 4 bytes = 64 GiB here, so this bound rules out a quadratic implementation.
