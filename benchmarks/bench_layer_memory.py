@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r'''
-import gc, json, sys, torch
+import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from harness.linfusion_fixtures import layer_tensors
 from linfusion_core.checkpoint import LayerWeights
@@ -33,17 +33,12 @@ class Base(torch.nn.Module):  # stands in for ComfyUI's CrossAttention (only its
 t = layer_tensors(C, C, torch.Generator().manual_seed(0))
 layer = build_layer(Base().to(dtype), LayerWeights(0, C, C, True, tensors=t), dtype=dtype)
 x = torch.randn(1, N, C, dtype=dtype)
-def status(k):
-    for line in open("/proc/self/status"):
-        if line.startswith(k):
-            return int(line.split()[1]) * 1024
+from harness.peakmem import PeakRSS
 with torch.inference_mode():
     layer(x[:, :4096])
-    gc.collect()
-    open("/proc/self/clear_refs", "w").write("5")
-    base = status("VmRSS")
-    y = layer(x)
-    peak = status("VmHWM") - base
+    with PeakRSS() as p:
+        y = layer(x)
+    peak = p.peak
 inp = x.numel() * x.element_size()
 print(json.dumps({"tokens": N, "dtype": sys.argv[3], "input": inp, "output": y.numel() * y.element_size(),
                   "temporary": peak - y.numel() * y.element_size(), "finite": bool(torch.isfinite(y).all())}))

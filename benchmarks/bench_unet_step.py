@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,24 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.host import host_info  # noqa: E402
-
-
-class PeakRSS:
-    """Peak resident memory growth of this process during a block (VmHWM reset via clear_refs; Linux)."""
-
-    def _status(self, key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
-    def __enter__(self):
-        gc.collect()
-        open("/proc/self/clear_refs", "w").write("5")
-        self.base = self._status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        self.peak = self._status("VmHWM") - self.base
+from harness.peakmem import PeakRSS  # noqa: E402
 
 
 class CudaPeak:

@@ -24,7 +24,6 @@ import asyncio
 import copy
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+from .peakmem import proc_status, reset_peak
 
 SIZE_INPUTS = {"width", "height", "target_width", "target_height", "crop_w", "crop_h"}
 TILE_INPUTS = {"tile_size", "overlap"}
@@ -124,14 +125,7 @@ def stage_of_nodes(workflow: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ memory
 def _status(pid: int, key: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_status(key, pid)
 
 
 class MemoryProbe:
@@ -141,12 +135,7 @@ class MemoryProbe:
         self.pid = pid
         self.can_reset = False
         if pid:
-            try:
-                with open(f"/proc/{pid}/clear_refs", "w") as f:
-                    f.write("5")
-                self.can_reset = True
-            except OSError:
-                pass
+            self.can_reset = reset_peak(pid)
         self.rss_peak = 0
         self.gpu_peak = 0
         self._gpu = bool(shutil.which("nvidia-smi")) and pid is not None
@@ -188,11 +177,7 @@ class MemoryProbe:
         hwm = _status(self.pid, "VmHWM") if (self.pid and self.can_reset) else None
         res = {"rss_peak": max(hwm or 0, self.rss_peak), "gpu_peak": self.gpu_peak or None}
         if self.can_reset:
-            try:
-                with open(f"/proc/{self.pid}/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
+            reset_peak(self.pid)
         self.rss_peak = _status(self.pid, "VmRSS") or 0 if self.pid else 0
         self.gpu_peak = 0
         return res

@@ -2,10 +2,7 @@
 runs end to end on a generated SD-1.5 checkpoint, and the core needs no ComfyUI."""
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
 from PIL import Image

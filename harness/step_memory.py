@@ -1,0 +1,120 @@
+"""Peak memory of one UNet step, stock or LinFusion-patched, on this CPU: the measurement behind the memory
+estimate in ``nodes/memory.py`` (used by ``benchmarks/bench_step_memory.py`` and ``tests/test_workflows.py``).
+
+Run with the host Python from the repository root; prints one JSON line:
+
+    python -m harness.step_memory --family sdxl --config linfusion --sizes 1024x1024 2048x1024
+
+For each size (in the order given, one process) it runs one ``apply_model`` of the generated true-size UNet
+(``fixtures.ensure(f"{family}-unet")``, computed in fp32 on CPU) and reports the growth of the process's peak RSS
+(VmHWM reset through /proc/self/clear_refs) with ComfyUI's stock ``memory_required`` and the patched model's.
+An allocator keeps freed pages, so a size measured after a larger one under-reads: give sizes in increasing
+order, or one size per process (what the benchmark does).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONTEXT = {"sd15": (768, None), "sd21": (1024, None), "sdxl": (2048, 2816)}  # cross-attn width, adm width
+
+
+def load_pack(name: str = "LinFusionPack"):
+    """This repository imported as the custom-node package ComfyUI would load (its relative imports work)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pack
+    spec.loader.exec_module(pack)
+    return pack
+
+
+def linfusion_file(family: str, seed: int = 0) -> Path:
+    """A generated LinFusion checkpoint for ``family`` (own projections), cached beside the fixtures."""
+    from . import fixtures, linfusion_fixtures
+    d = fixtures.fixtures_dir() / f"step-memory-linfusion-{family}-{seed}"
+    f = d / "diffusion_pytorch_model.safetensors"
+    if not f.exists():
+        linfusion_fixtures.write(family, d, layout="folder", seed=seed)
+    return f
+
+
+def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: int = 0,
+            check_sampling: bool = False) -> dict:
+    from .host import host_info
+    from .peakmem import PeakRSS
+    from . import fixtures
+    sys.path.insert(0, host_info()["comfyui"])
+    from comfy.cli_args import args
+    args.cpu = True
+    import torch
+    import comfy.model_management as mm
+    import comfy.sd
+
+    pack = load_pack()
+    unet_path = fixtures.ensure(f"{family}-unet")
+    lf = linfusion_file(family) if config == "linfusion" else None
+    m = comfy.sd.load_diffusion_model(str(unet_path))
+    stock_required = type(m.model).memory_required.__get__(m.model)
+    if lf is not None:
+        ck = pack.linfusion_core.checkpoint.load_checkpoint(lf)
+        m = pack.nodes.patching.apply_linfusion(m, ck, threshold)
+    mm.load_models_gpu([m])
+    ctx_dim, adm_dim = CONTEXT[family]
+    gen = torch.Generator().manual_seed(0)
+
+    def step(x):
+        kw = {"c_crossattn": torch.randn(x.shape[0], 77, ctx_dim, generator=gen)}
+        if adm_dim:
+            kw["y"] = torch.randn(x.shape[0], adm_dim, generator=gen)
+        m.model.apply_model(x, torch.tensor([1.5] * x.shape[0]), **kw)
+
+    out = []
+    with torch.inference_mode():
+        step(torch.randn(batch, 4, 16, 16, generator=gen))  # warm-up: lazy init outside the measurement
+        for w, h in sizes:
+            x = torch.randn(batch, 4, h // 8, w // 8, generator=gen)
+            with PeakRSS() as p:
+                step(x)
+            shape = tuple(x.shape)
+            out.append({"w": w, "h": h, "batch": batch, "latent_px": batch * (h // 8) * (w // 8), "peak": p.peak,
+                        "stock_formula": stock_required(shape), "model_estimate": m.model.memory_required(shape)})
+    res = {"family": family, "config": config, "model_config": type(m.model.model_config).__name__,
+           "dtype": str(m.model.get_dtype()).replace("torch.", ""), "threads": torch.get_num_threads(),
+           "sizes": out}
+    if lf is not None:
+        est = pack.nodes.memory.installed_estimate(m)
+        res["object_patch"] = est is not None
+        res["estimates"] = [est((r["batch"], 4, r["h"] // 8, r["w"] // 8)) if est else None for r in out]
+    if check_sampling:
+        # During sampling the model's own memory_required (what ComfyUI's batching check reads) is the estimate.
+        import comfy.sample
+        noise = torch.randn(1, 4, 8, 8, generator=gen)
+        cond = {"pooled_output": torch.randn(1, 1280)} if adm_dim else {}
+        pos = [[torch.randn(1, 77, ctx_dim, generator=gen), cond]]
+        comfy.sample.sample(m, noise, 1, 1.0, "euler", "normal", pos, pos, torch.zeros_like(noise), seed=0)
+        res["during_sampling"] = m.model.memory_required((2, 4, 64, 128))
+        res["expected_during_sampling"] = est((2, 4, 64, 128)) if lf is not None and est else None
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=sorted(CONTEXT), default="sd15")
+    ap.add_argument("--config", choices=["stock", "linfusion"], default="linfusion")
+    ap.add_argument("--sizes", nargs="+", default=["512x256"], help="WxH in pixels")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threshold", type=int, default=0, help="softmax_below_tokens of ApplyLinFusion")
+    ap.add_argument("--check-sampling", action="store_true")
+    a = ap.parse_args(argv)
+    sizes = [[int(v) for v in s.lower().split("x")] for s in a.sizes]
+    print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
