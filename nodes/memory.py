@@ -7,7 +7,8 @@ linear in the token count, so the true peak of one UNet step is a straight line 
 stock figure at high resolution.
 
 Measured (see README, "Memory of a patched model"): peak resident-memory growth of one UNet step (CPU, fp32,
-SD-1.5 UNet, batch 1), via VmHWM reset through /proc/self/clear_refs, at 512x256 ... 2048x1024 px. A straight
+batch 1 and 2), via VmHWM reset through /proc/self/clear_refs: the SD-1.5 UNet at 512x256 ... 2048x1024 px, the
+SD-XL UNet at 1024x512 ... 2048x2048 px. A straight
 line through those points, scaled by the inference dtype size (fp16/bf16 activations take half of fp32) and by
 ``MARGIN``, is what ``install_memory_estimate`` reports.
 
@@ -22,11 +23,14 @@ import math
 
 # Bytes per latent pixel per batch row and a fixed part, fp32 activations, from the measured peaks
 # (least-squares line; see README). Keyed by ComfyUI model_config class name.
+# benchmarks/bench_step_memory.py prints the fit; results in benchmarks/results/step_memory_*_cpu.md.
 _SD15 = {"per_pixel": 38_000.0, "fixed": 120e6, "measured": "SD-1.5 UNet, CPU fp32, 512x256..2048x1024"}
+_SDXL = {"per_pixel": 21_300.0, "fixed": 152e6, "measured": "SD-XL UNet, CPU fp32, 1024x512..2048x2048"}
 MEASURED = {
     "SD15": _SD15,
     # Same UNet widths and depths as SD-1.5 (only head sizes and linear proj_in/out differ); not measured apart.
     "SD20": _SD15, "SD21UnclipL": _SD15, "SD21UnclipH": _SD15,
+    "SDXL": _SDXL,
 }
 MARGIN = 1.25  # allocator slack and variation between back-ends
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import zlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -181,57 +180,26 @@ def test_scale_and_bypass_rewrite_the_api_prompt(object_info):
 
 
 # ------------------------------------------------------------------------------------------- memory estimate
-MEASURE = r'''
-import gc, importlib.util, json, sys
-comfy_dir, repo, ckpt, lf, sizes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-sys.path.insert(0, comfy_dir)
-from comfy.cli_args import args; args.cpu = True
-import torch, comfy.sd, comfy.sample, comfy.model_management as mm
-spec = importlib.util.spec_from_file_location("LFpack", repo + "/__init__.py", submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules["LFpack"] = pack; spec.loader.exec_module(pack)
-m = comfy.sd.load_diffusion_model(ckpt)
-m = pack.nodes.patching.apply_linfusion(m, pack.linfusion_core.checkpoint.load_checkpoint(lf), 0)
-est = pack.nodes.memory.installed_estimate(m)
-mm.load_models_gpu([m])
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-out = []
-with torch.inference_mode():
-    c = torch.randn(1, 77, 768)
-    m.model.apply_model(torch.randn(1, 4, 8, 8), torch.tensor([1.5]), c_crossattn=c)
-    for w, h in sizes:
-        x = torch.randn(1, 4, h // 8, w // 8)
-        gc.collect()
-        open("/proc/self/clear_refs", "w").write("5")   # reset VmHWM (peak RSS)
-        base = status("VmRSS")
-        m.model.apply_model(x, torch.tensor([1.5]), c_crossattn=c)
-        out.append({"w": w, "h": h, "peak": status("VmHWM") - base, "estimate": est(tuple(x.shape)),
-                    "stock": type(m.model).memory_required(m.model, tuple(x.shape))})
-    # During sampling the estimate is the model's own memory_required (what the batching check reads).
-    noise = torch.randn(1, 4, 8, 8)
-    pos = [[torch.randn(1, 77, 768), {}]]
-    comfy.sample.sample(m, noise, 1, 1.0, "euler", "normal", pos, pos, torch.zeros_like(noise), seed=0)
-    seen = m.model.memory_required((2, 4, 64, 128))
-print(json.dumps({"sizes": out, "during_sampling": seen, "expected": est((2, 4, 64, 128)),
-                  "object_patch": "memory_required" in m.object_patches}))
-'''
-
-
-def test_memory_estimate_matches_measured_peak(host, base_dir):
-    """Peak RSS growth of one patched UNet step (CPU, fp32, batch 1) at 512x256 and 1024x512 against the
-    patched model's memory_required: the estimate covers the peak and is within 2x of it."""
-    from harness import fixtures
-    lf = linfusion_fixtures.write("sd15", base_dir / "models" / "linfusion" / "tests-workflows" / "mem", seed=5)
-    sizes = [[512, 256], [1024, 512]]
-    proc = subprocess.run([host["python"], "-c", MEASURE, host["comfyui"], str(REPO),
-                           str(fixtures.ensure("sd15-unet")), str(lf), json.dumps(sizes)],
-                          capture_output=True, text=True, timeout=900)
+def _measure_step(host, family: str, sizes: list, check_sampling: bool = True) -> dict:
+    """harness/step_memory.py in a fresh host process: peak RSS growth of one patched UNet step per size."""
+    cmd = [host["python"], "-m", "harness.step_memory", "--family", family, "--config", "linfusion",
+           "--sizes", *sizes] + (["--check-sampling"] if check_sampling else [])
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(res, indent=1))
-    for r in res["sizes"]:
-        assert r["peak"] <= r["estimate"] <= 2.0 * r["peak"], r
-        assert r["estimate"] < r["stock"], r  # below ComfyUI's stock formula at these sizes
-    assert res["object_patch"] and res["during_sampling"] == res["expected"]
+    return res
+
+
+@pytest.mark.parametrize("family,sizes", [("sd15", ["512x256", "1024x512"]), ("sdxl", ["1024x512", "1024x1024"])])
+def test_memory_estimate_matches_measured_peak(host, family, sizes):
+    """Peak RSS growth of one patched UNet step (true-size generated UNet, CPU, fp32, batch 1) at two sizes
+    against the patched model's memory_required: the estimate covers the peak, is within 2x of it and below
+    ComfyUI's stock formula; while sampling, the model reports that estimate (the object patch is live)."""
+    res = _measure_step(host, family, sizes)
+    assert res["object_patch"], f"no measured estimate installed for {res['model_config']}"
+    for r, est in zip(res["sizes"], res["estimates"]):
+        assert r["model_estimate"] == est, r
+        assert r["peak"] <= est <= 2.0 * r["peak"], (r, est)
+        assert est < r["stock_formula"], (r, est)
+    assert res["during_sampling"] == res["expected_during_sampling"]
