@@ -27,6 +27,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def import_pack(name: str = "LinFusionPack"):
+    """This repository imported the way ComfyUI imports a custom node: as a package under ``name``, so its
+    relative imports work. ComfyUI's own modules must be importable already (the host path on sys.path)."""
+    import importlib.util
+    if name in sys.modules:
+        return sys.modules[name]
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(name, repo / "__init__.py", submodule_search_locations=[str(repo)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def host_info() -> dict:
     """The set-up written by ``dev.py``; if absent (tests started by hand), set up now."""
     path = env.host_dir() / "host.json"

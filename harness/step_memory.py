@@ -14,24 +14,12 @@ order, or one size per process (what the benchmark does).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONTEXT = {"sd15": (768, None), "sd21": (1024, None), "sdxl": (2048, 2816)}  # cross-attn width, adm width
-
-
-def load_pack(name: str = "LinFusionPack"):
-    """This repository imported as the custom-node package ComfyUI would load (its relative imports work)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[name] = pack
-    spec.loader.exec_module(pack)
-    return pack
 
 
 def linfusion_file(family: str, seed: int = 0) -> Path:
@@ -46,7 +34,7 @@ def linfusion_file(family: str, seed: int = 0) -> Path:
 
 def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: int = 0,
             check_sampling: bool = False) -> dict:
-    from .host import host_info
+    from .host import host_info, import_pack
     from .peakmem import PeakRSS
     from . import fixtures
     sys.path.insert(0, host_info()["comfyui"])
@@ -56,7 +44,7 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
     import comfy.model_management as mm
     import comfy.sd
 
-    pack = load_pack()
+    pack = import_pack()
     unet_path = fixtures.ensure(f"{family}-unet")
     lf = linfusion_file(family) if config == "linfusion" else None
     m = comfy.sd.load_diffusion_model(str(unet_path))

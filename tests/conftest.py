@@ -14,7 +14,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from harness import env, fixtures  # noqa: E402
-from harness.host import default_server, host_info  # noqa: E402
+from harness.host import default_server, host_info, import_pack  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +72,4 @@ def comfy_inproc(host):
 @pytest.fixture(scope="session")
 def pack(comfy_inproc):
     """This pack imported the way ComfyUI imports a custom node (as a package, relative imports and all)."""
-    import importlib.util
-    name = "ComfyUI_LinFusion_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return import_pack("ComfyUI_LinFusion_under_test")

@@ -191,12 +191,13 @@ def _measure_step(host, family: str, sizes: list, check_sampling: bool = True) -
     return res
 
 
-@pytest.mark.parametrize("family,sizes", [("sd15", ["512x256", "1024x512"]), ("sdxl", ["1024x512", "1024x1024"])])
-def test_memory_estimate_matches_measured_peak(host, family, sizes):
-    """Peak RSS growth of one patched UNet step (true-size generated UNet, CPU, fp32, batch 1) at two sizes
+def test_memory_estimate_matches_measured_peak(host):
+    """Peak RSS growth of one patched UNet step (true-size generated SD-1.5 UNet, CPU, fp32, batch 1) at two sizes
     against the patched model's memory_required: the estimate covers the peak, is within 2x of it and below
-    ComfyUI's stock formula; while sampling, the model reports that estimate (the object patch is live)."""
-    res = _measure_step(host, family, sizes)
+    ComfyUI's stock formula; while sampling, the model reports that estimate (the object patch is live).
+    SD-XL's coefficients come from benchmarks/bench_step_memory.py: its true-size fp32 UNet is 10 GB, which does
+    not fit beside the rest of the suite in CI's 24 GB (it was killed there), so it is not a test."""
+    res = _measure_step(host, "sd15", ["512x256", "1024x512"])
     assert res["object_patch"], f"no measured estimate installed for {res['model_config']}"
     for r, est in zip(res["sizes"], res["estimates"]):
         assert r["model_estimate"] == est, r
