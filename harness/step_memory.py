@@ -80,14 +80,33 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
         res["object_patch"] = est is not None
         res["estimates"] = [est((r["batch"], 4, r["h"] // 8, r["w"] // 8)) if est else None for r in out]
     if check_sampling:
-        # During sampling the model's own memory_required (what ComfyUI's batching check reads) is the estimate.
+        # Sampling from an unloaded model: every load_models_gpu call that loads it (our PREPARE_SAMPLING wrapper's
+        # and ComfyUI's own in _prepare_sampling) is recorded, with the memory it was told to expect; during
+        # sampling the model's own memory_required (what ComfyUI's batching check reads) is the estimate.
+        # The recorder calls straight through to ComfyUI's function; it only notes the arguments.
         import comfy.sample
-        noise = torch.randn(1, 4, 8, 8, generator=gen)
-        cond = {"pooled_output": torch.randn(1, 1280)} if adm_dim else {}
-        pos = [[torch.randn(1, 77, ctx_dim, generator=gen), cond]]
-        comfy.sample.sample(m, noise, 1, 1.0, "euler", "normal", pos, pos, torch.zeros_like(noise), seed=0)
+        real_load, loads = mm.load_models_gpu, []
+
+        def recording_load(models, memory_required=0, *a, minimum_memory_required=None, **kw):
+            if any(x is m for x in models):
+                loads.append([memory_required, minimum_memory_required])
+            return real_load(models, memory_required, *a, minimum_memory_required=minimum_memory_required, **kw)
+
+        mm.unload_all_models()
+        mm.load_models_gpu = recording_load
+        try:
+            noise = torch.randn(1, 4, 8, 8, generator=gen)
+            cond = {"pooled_output": torch.randn(1, 1280)} if adm_dim else {}
+            pos = [[torch.randn(1, 77, ctx_dim, generator=gen), cond]]
+            comfy.sample.sample(m, noise, 1, 1.0, "euler", "normal", pos, pos, torch.zeros_like(noise), seed=0)
+        finally:
+            mm.load_models_gpu = real_load
+        res["sampling_loads"] = loads
+        res["stock_preload"] = [stock_required((2, 4, 8, 8)), stock_required((1, 4, 8, 8))]
         res["during_sampling"] = m.model.memory_required((2, 4, 64, 128))
-        res["expected_during_sampling"] = est((2, 4, 64, 128)) if lf is not None and est else None
+        if lf is not None and est:
+            res["expected_preload"] = [est((2, 4, 8, 8)), est((1, 4, 8, 8))]
+            res["expected_during_sampling"] = est((2, 4, 64, 128))
     return res
 
 

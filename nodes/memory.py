@@ -12,10 +12,11 @@ SD-XL UNet at 1024x512 ... 2048x2048 px. A straight
 line through those points, scaled by the inference dtype size (fp16/bf16 activations take half of fp32) and by
 ``MARGIN``, is what ``install_memory_estimate`` reports.
 
-Scope: the estimate is an object patch on ``memory_required`` of the patched clone. ComfyUI's pre-load estimate
-(``sampler_helpers.estimate_memory``) runs before object patches are applied, so it still uses the stock
-formula (conservative for LinFusion); the per-step batching check in ``samplers._calc_cond_batch`` (whether
-cond and uncond fit in one batch, how many area conds run together) sees this estimate.
+Scope: the estimate is an object patch on ``memory_required`` of the patched clone, which the per-step batching
+check in ``samplers._calc_cond_batch`` (whether cond and uncond fit in one batch, how many area conds run
+together) sees. ComfyUI's pre-load estimate (``sampler_helpers.estimate_memory``) runs before object patches are
+applied, so a PREPARE_SAMPLING wrapper (``preload_with_estimate``) loads the model with the measured estimate
+first; ComfyUI's own load then finds the object patch live.
 """
 from __future__ import annotations
 
@@ -70,14 +71,37 @@ def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, coeff
     return memory_required
 
 
+WRAPPER_KEY = "linfusion_memory_estimate"
+
+
+def preload_with_estimate(executor, model, noise_shape, conds, *args, **kwargs):
+    """PREPARE_SAMPLING wrapper. ComfyUI's ``_prepare_sampling`` reads ``model.model.memory_required`` before it
+    loads the model, i.e. before object patches are applied; on a first load it would size the load from the
+    stock formula (at 8K on SD-1.5 that is 82 GB, so classic loading streams every weight). Load the patched
+    model first through ``load_models_gpu`` with the measured estimate, so the weights stay resident whenever
+    estimate + weights fit; then ComfyUI's own preparation runs with the object patch live (it sees the same
+    estimate plus the inference memory of ControlNets and other additional models)."""
+    est = installed_estimate(model)
+    if est is not None:
+        import comfy.model_management as mm
+        shape = list(noise_shape)
+        mm.load_models_gpu([model], memory_required=est([shape[0] * 2] + shape[1:]),
+                           minimum_memory_required=est(shape))
+    return executor(model, noise_shape, conds, *args, **kwargs)
+
+
 def install_memory_estimate(model_patcher, softmax_below_tokens: int = 0, coefficients: dict | None = None):
     """Make ``model_patcher`` (a patched clone) report LinFusion's measured linear memory: an object patch
-    "memory_required" with the signature ``(input_shape, cond_shapes={})``. Families without a measurement keep
-    ComfyUI's own estimate. Below ``softmax_below_tokens`` first-level tokens the stock estimate is used, since
-    those layers then run softmax attention."""
+    "memory_required" with the signature ``(input_shape, cond_shapes={})``, and a PREPARE_SAMPLING wrapper so
+    the pre-load estimate is that one too. Families without a measurement keep ComfyUI's own estimate. Below
+    ``softmax_below_tokens`` first-level tokens the stock estimate is used, since those layers then run softmax
+    attention."""
     fn = memory_estimate_function(model_patcher, softmax_below_tokens, coefficients)
     if fn is not None:
+        import comfy.patcher_extension as pe
         model_patcher.add_object_patch("memory_required", fn)
+        model_patcher.remove_wrappers_with_key(pe.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
+        model_patcher.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY, preload_with_estimate)
     return model_patcher
 
 

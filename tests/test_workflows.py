@@ -194,7 +194,8 @@ def _measure_step(host, family: str, sizes: list, check_sampling: bool = True) -
 def test_memory_estimate_matches_measured_peak(host):
     """Peak RSS growth of one patched UNet step (true-size generated SD-1.5 UNet, CPU, fp32, batch 1) at two sizes
     against the patched model's memory_required: the estimate covers the peak, is within 2x of it and below
-    ComfyUI's stock formula; while sampling, the model reports that estimate (the object patch is live).
+    ComfyUI's stock formula; while sampling, the model reports that estimate (the object patch is live), and the
+    loads before sampling are sized by it too.
     SD-XL's coefficients come from benchmarks/bench_step_memory.py: its true-size fp32 UNet is 10 GB, which does
     not fit beside the rest of the suite in CI's 24 GB (it was killed there), so it is not a test."""
     res = _measure_step(host, "sd15", ["512x256", "1024x512"])
@@ -204,3 +205,10 @@ def test_memory_estimate_matches_measured_peak(host):
         assert r["peak"] <= est <= 2.0 * r["peak"], (r, est)
         assert est < r["stock_formula"], (r, est)
     assert res["during_sampling"] == res["expected_during_sampling"]
+    # Pre-load: sampling a freshly loaded patched model, every load of it (PREPARE_SAMPLING wrapper, then
+    # ComfyUI's own _prepare_sampling) is sized by the measured estimate (no ControlNet: no inference memory
+    # on top), not by the stock formula ComfyUI would compute before object patches apply.
+    assert len(res["sampling_loads"]) >= 2, res["sampling_loads"]
+    assert res["stock_preload"] != res["expected_preload"]
+    for load in res["sampling_loads"]:
+        assert load == res["expected_preload"], (load, res["expected_preload"], res["stock_preload"])
