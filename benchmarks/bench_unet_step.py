@@ -5,6 +5,11 @@
   linfusion      ApplyLinFusion (generated LinFusion-1-5 weights with their own projections)
   linfusion+thr  ApplyLinFusion with softmax_below_tokens=4096 (deep levels keep softmax)
   no-self-attn   every attn1 replaced by zero output: the floor no attention method can beat
+  projections    every attn1 runs only its four stock projections (to_q/k/v, to_out of v): what any
+                 attention method pays on top of the floor (diagnostic row)
+  linfusion-core-off
+                 LinFusion with its attention core replaced by v: MLPs and projections only, so
+                 linfusion minus this row is the cost of the linear attention itself (diagnostic row)
 
 Prints a markdown table (time, ratio to stock and to the floor, peak extra memory) and saves a log-log plot.
 A configuration whose predicted time exceeds --time-limit (from its time at the previous size, x4 for linear
@@ -48,7 +53,8 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--time-limit", type=float, default=300.0, help="skip a config predicted to take longer (s)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--configs", nargs="+", default=["stock", "hypertile", "linfusion", "linfusion+thr", "no-self-attn"])
+    ap.add_argument("--configs", nargs="+", default=["stock", "hypertile", "linfusion", "linfusion+thr", "no-self-attn",
+                                                      "projections", "linfusion-core-off"])
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
 
@@ -60,14 +66,10 @@ def main(argv=None):
     import comfy.model_management as mm
     import comfy.sd
     from comfy_extras import nodes_hypertile
-    import importlib.util
     from harness import fixtures, linfusion_fixtures
+    from harness.host import import_pack
 
-    spec = importlib.util.spec_from_file_location("LinFusionPack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["LinFusionPack"] = pack
-    spec.loader.exec_module(pack)
+    pack = import_pack()
 
     unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")))
     lf_dir = Path(info["host_dir"]) / "fixtures" / "bench-linfusion-sd15"
@@ -86,6 +88,27 @@ def main(argv=None):
             m.add_object_patch(f"diffusion_model.{path}", ZeroAttention())
         return m
 
+    class ProjectionsOnly(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.to_q, self.to_k, self.to_v, self.to_out = base.to_q, base.to_k, base.to_v, base.to_out
+
+        def forward(self, x, *a, **kw):
+            self.to_q(x), self.to_k(x)
+            return self.to_out(self.to_v(x))
+
+    def projections_only():
+        m = unet.clone()
+        for path, base in pack.nodes.patching.attn1_modules(unet).items():
+            m.add_object_patch(f"diffusion_model.{path}", ProjectionsOnly(base))
+        return m
+
+    # linfusion-core-off: the layer module's linear_attention is looked up at call time; route it through a switch.
+    layer_mod = pack.linfusion_core.layer
+    real_attention = layer_mod.linear_attention
+    core_off = {"on": False}
+    layer_mod.linear_attention = lambda q, k, v, heads: v if core_off["on"] else real_attention(q, k, v, heads)
+
     def hypertile():
         out = nodes_hypertile.HyperTile.execute(unet, 256, 2, 0, False)
         return out.result[0] if hasattr(out, "result") else out[0]
@@ -96,6 +119,8 @@ def main(argv=None):
         "linfusion": lambda: pack.nodes.patching.apply_linfusion(unet, ck, 0),
         "linfusion+thr": lambda: pack.nodes.patching.apply_linfusion(unet, ck, 4096),
         "no-self-attn": no_self_attn,
+        "projections": projections_only,
+        "linfusion-core-off": lambda: pack.nodes.patching.apply_linfusion(unet, ck, 0),
     }
     quadratic = {"stock"}
     device = mm.get_torch_device()
@@ -112,6 +137,7 @@ def main(argv=None):
                     results[(name, size)] = {"skipped": f"predicted {predicted:.0f}s > {args.time_limit:.0f}s"}
                     print(f"{name:14s} {size}px: skipped ({results[(name, size)]['skipped']})", flush=True)
                     continue
+            core_off["on"] = name == "linfusion-core-off"
             m = builders[name]()
             mm.load_models_gpu([m])
             to = dict(m.model_options.get("transformer_options", {}))
