@@ -6,8 +6,9 @@ measurement the memory estimate in nodes/memory.py is fitted to. Each (config, s
         --batch2 1024x1024 --stock-max-px 32768
 
 Prints a markdown table (peak growth, ComfyUI's formula, the patched model's estimate and its ratio to the
-peak) and the least-squares line peak = a x latent px x batch + b through the LinFusion points, which is what
-``MEASURED`` in nodes/memory.py holds (fp32 bytes).
+peak) and the least-squares lines peak = a x latent px x batch + b through the LinFusion points, one below and
+one above the size where the feed-forward runs in token chunks: what ``MEASURED`` in nodes/memory.py holds (fp32
+bytes).
 """
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.host import host_info  # noqa: E402
+
+# Channels and latent-area divisor of each family's first transformer level: where the feed-forward chunking of
+# linfusion_core/chunked.py starts, and with it the second line of the estimate.
+FIRST_TRANSFORMER_LEVEL = {"sd15": (320, 1), "sd21": (320, 1), "sdxl": (640, 4)}
+
+
+def is_chunked_row(family: str, latent_px: int, batch: int) -> bool:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_chunked", REPO / "linfusion_core" / "chunked.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    channels, area_divisor = FIRST_TRANSFORMER_LEVEL[family]
+    return mod.is_chunked(batch, latent_px // batch // area_divisor, channels)
 
 
 def run_one(python: str, family: str, config: str, size: str, batch: int) -> dict:
@@ -44,8 +58,9 @@ def fit(points: list) -> tuple[float, float]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["sd15", "sd21", "sdxl"], default="sd15")
-    ap.add_argument("--sizes", nargs="+", default=["512x256", "1024x512", "1536x768", "2048x1024"])
-    ap.add_argument("--batch2", nargs="*", default=["1024x512"], help="sizes measured at batch 2 too")
+    ap.add_argument("--sizes", nargs="+", default=["512x256", "1024x512", "1536x768", "2048x1024", "3072x1536",
+                                                     "4096x2048"])
+    ap.add_argument("--batch2", nargs="*", default=["1024x512", "2048x1024"], help="sizes measured at batch 2 too")
     ap.add_argument("--stock-max-px", type=int, default=18432, help="largest latent px x batch for stock runs")
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -71,27 +86,35 @@ def main(argv=None):
             print(f"{config:9s} {size} x{batch}: peak +{m['peak'] / 1e6:8.0f} MB", flush=True)
         rows.append(row)
 
-    a, b = fit([(r["latent_px"], r["linfusion"]) for r in rows])
+    for r in rows:
+        r["ff_chunked"] = is_chunked_row(args.family, r["latent_px"], r["batch"])
+    fits = {}
+    for regime in (False, True):
+        pts = [(r["latent_px"], r["linfusion"]) for r in rows if r["ff_chunked"] == regime]
+        if len(pts) >= 2:
+            fits["chunked" if regime else "unchunked"] = fit(pts)
     mb = lambda v: "–" if v is None else f"{v / 1e6:,.0f} MB".replace(",", " ")  # noqa: E731
     lines = [f"Peak RSS growth of one {args.family.upper()} UNet step ({rows[0]['model_config']}), CPU fp32, "
              f"{rows[0]['threads']} threads, a fresh process per cell; estimate = the patched model's "
              f"memory_required.", "",
-             "| image | latent px × batch | stock attention | LinFusion | ComfyUI's formula | patched estimate | "
-             "estimate / LinFusion |", "|---|---|---|---|---|---|---|"]
+             "| image | latent px × batch | FF chunked | stock attention | LinFusion | ComfyUI's formula | "
+             "patched estimate | estimate / LinFusion |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['estimate'] / r['linfusion']:.2f}" if r.get("estimate") else "–"
         lines.append(f"| {r['size'].replace('x', '×')}{'' if r['batch'] == 1 else ', batch ' + str(r['batch'])} | "
-                     f"{r['latent_px']} | {mb(r['stock'])} | {mb(r['linfusion'])} | {mb(r['formula'])} | "
+                     f"{r['latent_px']} | {'yes' if r['ff_chunked'] else 'no'} | {mb(r['stock'])} | {mb(r['linfusion'])} | {mb(r['formula'])} | "
                      f"{mb(r.get('estimate'))} | {ratio} |")
-    lines += ["", f"Least-squares line through the LinFusion peaks: {a:,.0f} B per latent px × batch + "
-                  f"{b / 1e6:,.0f} MB (fp32)."]
+    lines.append("")
+    for regime, (a, b) in fits.items():
+        lines.append(f"Least-squares line through the LinFusion peaks, feed-forward {regime}: {a:,.0f} B per "
+                     f"latent px × batch + {b / 1e6:,.0f} MB (fp32).")
     table = "\n".join(lines)
     print()
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"step_memory_{args.family}_cpu"
     (args.out_dir / f"{stem}.md").write_text(table + "\n")
-    (args.out_dir / f"{stem}.json").write_text(json.dumps({"rows": rows, "per_pixel": a, "fixed": b}, indent=1))
+    (args.out_dir / f"{stem}.json").write_text(json.dumps({"rows": rows, "fits": {k: {"per_pixel": a, "fixed": b} for k, (a, b) in fits.items()}}, indent=1))
 
 
 if __name__ == "__main__":

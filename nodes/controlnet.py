@@ -19,8 +19,10 @@ import comfy.utils
 import torch
 
 from ..linfusion_core.checkpoint import LinFusionCheckpoint, LinFusionFileError, family_from_layers
+from ..linfusion_core.chunked import TokenChunkedFeedForward
 from ..linfusion_core.layer import LinFusionAttention, build_layer
 from ..linfusion_core.mapping import diffusers_attn1_layers, diffusers_module_order, layer_map
+from .patching import chunk_feed_forwards
 
 log = logging.getLogger("LinFusion")
 
@@ -235,7 +237,7 @@ def apply_linfusion_controlnet(control_net, ckpt: LinFusionCheckpoint):
     c.control_model = cldm
     c.control_model_wrapped = src.clone()
     for path, obj in list(c.control_model_wrapped.object_patches.items()):
-        if isinstance(obj, LinFusionAttention):  # an earlier LinFusion is replaced, not layered under this one
+        if isinstance(obj, (LinFusionAttention, TokenChunkedFeedForward)):  # an earlier LinFusion is replaced
             del c.control_model_wrapped.object_patches[path]
     control_net.copy_to(c)
     extra_bytes = 0
@@ -246,6 +248,7 @@ def apply_linfusion_controlnet(control_net, ckpt: LinFusionCheckpoint):
         c.control_model_wrapped.add_object_patch(path, layer)
         report.patched.append((path, name, lw.index))
     m = c.control_model_wrapped
+    chunk_feed_forwards(m, [path for _, path, _ in found])
     if isinstance(getattr(m, "size", None), int) and m.size > 0:
         m.size += extra_bytes
     c.linfusion_report = report

@@ -4,13 +4,15 @@ ComfyUI sizes its decisions from ``BaseModel.memory_required(input_shape, cond_s
 pixel (x batch) x ``memory_usage_factor`` (SD-1.5: 1.0) without xformers/flash attention. Stock SD attention
 actually grows faster than that (quadratically in tokens at the first level). With LinFusion every layer is
 linear in the token count, so the true peak of one UNet step is a straight line in latent area, far below the
-stock figure at high resolution.
+stock figure at high resolution; two lines, in fact: once the first transformer level's feed-forward runs in
+token chunks (linfusion_core/chunked.py, above about 26k first-level tokens at batch 1) the slope falls to less
+than half.
 
-Measured (see README, "Memory of a patched model"): peak resident-memory growth of one UNet step (CPU, fp32,
-batch 1 and 2), via VmHWM reset through /proc/self/clear_refs: the SD-1.5 UNet at 512x256 ... 2048x1024 px, the
-SD-XL UNet at 1024x512 ... 2048x2048 px. A straight
-line through those points, scaled by the inference dtype size (fp16/bf16 activations take half of fp32) and by
-``MARGIN``, is what ``install_memory_estimate`` reports.
+Measured (see README, "Memory of a patched model"; ``benchmarks/bench_step_memory.py``): peak resident-memory
+growth of one UNet step (CPU, fp32, batch 1 and 2), via VmHWM reset through /proc/self/clear_refs: the SD-1.5
+UNet at 512x256 ... 4096x2048 px, the SD-XL UNet at 1024x512 ... 2048x2048 px. The straight line through the
+points of the regime an input falls in, scaled by the inference dtype size (fp16/bf16 activations take half of
+fp32) and by ``MARGIN``, is what ``install_memory_estimate`` reports.
 
 Scope: the estimate is an object patch on ``memory_required`` of the patched clone, which the per-step batching
 check in ``samplers._calc_cond_batch`` (whether cond and uncond fit in one batch, how many area conds run
@@ -22,10 +24,18 @@ from __future__ import annotations
 
 import math
 
+from ..linfusion_core.chunked import is_chunked
+
 # Bytes per latent pixel per batch row and a fixed part, fp32 activations, from the measured peaks
 # (least-squares line; see README). Keyed by ComfyUI model_config class name.
 # benchmarks/bench_step_memory.py prints the fit; results in benchmarks/results/step_memory_*_cpu.md.
-_SD15 = {"per_pixel": 38_000.0, "fixed": 120e6, "measured": "SD-1.5 UNet, CPU fp32, 512x256..2048x1024"}
+# "chunked": the line once the first transformer level's feed-forward runs in token chunks (see
+# linfusion_core/chunked.py; "first_transformer_level" = its channels and its area divisor against the latent).
+_SD15 = {"per_pixel": 38_000.0, "fixed": 120e6, "measured": "SD-1.5 UNet, CPU fp32, 512x256..1536x768",
+         "first_transformer_level": (320, 1),
+         "chunked": {"per_pixel": 16_100.0, "fixed": 360e6, "measured": "SD-1.5 UNet, CPU fp32, 2048x1024..4096x2048"}}
+# SD-XL was measured before feed-forward chunking (1024x512..2048x2048): above the chunking threshold (2048x2048 at
+# batch 1) this line over-estimates; no "chunked" line measured yet.
 _SDXL = {"per_pixel": 21_300.0, "fixed": 152e6, "measured": "SD-XL UNet, CPU fp32, 1024x512..2048x2048"}
 MEASURED = {
     "SD15": _SD15,
@@ -37,8 +47,15 @@ MARGIN = 1.25  # allocator slack and variation between back-ends
 
 
 def linear_estimate(input_shape, dtype_size: int = 4, coeff: dict = _SD15, margin: float = MARGIN) -> float:
-    area = input_shape[0] * math.prod(input_shape[2:])
-    return (coeff["per_pixel"] * area * dtype_size / 4.0 + coeff["fixed"]) * margin
+    """``(per_pixel x latent px x batch x dtype_size/4 + fixed) x margin``, with the coefficients of the regime
+    the input falls in: once the first transformer level's feed-forward runs in token chunks
+    (linfusion_core/chunked.py), the family's "chunked" line where one was measured."""
+    batch, pixels = input_shape[0], math.prod(input_shape[2:])
+    if "chunked" in coeff:
+        channels, area_divisor = coeff["first_transformer_level"]
+        if is_chunked(batch, pixels // area_divisor, channels):
+            coeff = coeff["chunked"]
+    return (coeff["per_pixel"] * batch * pixels * dtype_size / 4.0 + coeff["fixed"]) * margin
 
 
 def _dtype_size(base_model) -> int:

@@ -9,6 +9,7 @@ import comfy.utils
 import torch
 
 from ..linfusion_core.checkpoint import LinFusionCheckpoint, LinFusionFileError
+from ..linfusion_core.chunked import TokenChunkedFeedForward, unwrap
 from ..linfusion_core.layer import LinFusionAttention, build_layer
 from ..linfusion_core.mapping import check_widths, layer_map
 from .memory import install_memory_estimate
@@ -82,10 +83,27 @@ def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int 
         pbar.update(1)
     if hasattr(m, "size") and isinstance(m.size, int) and m.size > 0:
         m.size += extra_bytes
+    chunk_feed_forwards(m, [f"diffusion_model.{path}" for _, path in mapped])
     install_memory_estimate(m, softmax_below_tokens)
     log.info("LinFusion: %s -> %d self-attention layers of the %s model (%s)", ckpt.path.name, len(mapped), family,
              "own projections" if mapped[0][0].has_projections else "base projections")
     return m
+
+
+def chunk_feed_forwards(model, attn1_keys) -> int:
+    """Object patches on ``model`` (a ModelPatcher) running the ``ff`` beside each patched attn1 (object-patch
+    keys) over token chunks (exact: the FF is per token), so that at high resolution the step's largest
+    temporary is no longer the GEGLU of the first level. Returns how many were patched."""
+    n = 0
+    for attn1_key in attn1_keys:
+        key = f"{attn1_key.rsplit('.', 1)[0]}.ff"
+        try:
+            ff = unwrap(model.get_model_object(key))
+        except AttributeError:
+            continue
+        model.add_object_patch(key, TokenChunkedFeedForward(ff))
+        n += 1
+    return n
 
 
 def _warn_incompatible_patches(model) -> None:

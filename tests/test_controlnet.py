@@ -132,7 +132,11 @@ def test_sd15_controlnet_patched_and_original_unchanged(cn, lf, sd15_cn, layout)
 
     rep = patched_net.linfusion_report
     assert len(rep.patched) == SD15_ENCODER_LAYERS and not rep.skipped, rep.summary()
-    assert {p for p, _, _ in rep.patched} == set(patched_net.control_model_wrapped.object_patches)
+    patches = patched_net.control_model_wrapped.object_patches
+    assert {p for p, _, _ in rep.patched} == {k for k in patches if k.endswith(".attn1")}
+    # beside each patched attn1, the block's feed-forward runs in token chunks (nothing else is patched)
+    assert {p[: -len("attn1")] + "ff" for p, _, _ in rep.patched} == {k for k in patches if not k.endswith(".attn1")}
+    assert all(type(patches[p[: -len("attn1")] + "ff"]).__name__ == "TokenChunkedFeedForward" for p, _, _ in rep.patched)
     assert ("input_blocks.1.1.transformer_blocks.0.attn1", "down_blocks.0.attentions.0.transformer_blocks.0.attn1",
             0) in rep.patched
     assert ("middle_block.1.transformer_blocks.0.attn1", "mid_block.attentions.0.transformer_blocks.0.attn1",
@@ -179,6 +183,7 @@ def test_applying_twice_replaces(cn, lf, sd15_cn):
     partial = dataclasses.replace(lf["sd15"], layers=[lw for lw in lf["sd15"].layers if lw.index != 0])
     third, rep = cn.apply_linfusion_controlnet(twice, partial)
     assert path not in third.control_model_wrapped.object_patches and rep.skipped[0][0] == path
+    assert path[: -len("attn1")] + "ff" not in third.control_model_wrapped.object_patches
 
 
 def test_mismatch_names_file_and_controlnet_family(cn, lf, sd15_cn, pack):

@@ -173,13 +173,15 @@ def test_layer_matches_float64_formula(ctx, lf, which):
 
 
 def _lora(unet, path):
-    """A LoRA touching attn1, attn2 and a conv of the SD-1.5 UNet, in ComfyUI's generic key format."""
+    """A LoRA touching attn1, attn2, a feed-forward (chunked by the patch) and a conv of the SD-1.5 UNet, in
+    ComfyUI's generic key format."""
     g = torch.Generator().manual_seed(7)
     sd = {}
     for key, (o, i) in {"input_blocks.1.1.transformer_blocks.0.attn1.to_q": (320, 320),
                         "input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 768),
                         "output_blocks.9.1.transformer_blocks.0.attn2.to_v": (320, 768),
-                        "middle_block.1.proj_in": (1280, 1280)}.items():
+                        "middle_block.1.proj_in": (1280, 1280),
+                        "input_blocks.1.1.transformer_blocks.0.ff.net.2": (320, 1280)}.items():
         sd[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(o, 4, generator=g) * 0.5
         down = torch.randn(4, i, generator=g) * 0.5
         sd[f"diffusion_model.{key}.lora_down.weight"] = down if "proj_in" not in key else down[..., None, None] \
@@ -286,3 +288,26 @@ def test_lowvram_partial_load_casts_linfusion_layers(ctx, lf):
     finally:
         m.unpatch_model()
     assert torch.allclose(full, low, atol=1e-5, rtol=1e-4)
+
+
+def test_feed_forwards_are_chunked_exactly(ctx, lf):
+    """Each patched block's ff runs over token chunks (linfusion_core/chunked.py) under the same weight names;
+    the input model keeps ComfyUI's FeedForward, and a step with the first level's ff split into 256-token chunks
+    equals the unchunked step."""
+    unet = ctx["unet"]
+    patched = ctx["patching"].apply_linfusion(unet, _load(ctx, lf["single"]))
+    ffs = {k: v for k, v in patched.object_patches.items() if k.endswith(".ff")}
+    assert len(ffs) == 16 and all(type(v).__name__ == "TokenChunkedFeedForward" for v in ffs.values())
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.ff"
+    base = unet.get_model_object(key)
+    assert type(base).__name__ == "FeedForward" and ffs[key]._base is base
+    assert list(ffs[key].state_dict()) == list(base.state_dict())
+    x, c = _inputs(3, hw=32)  # 1024 first-level tokens
+    for f in ffs.values():
+        f.chunk_elements = 1  # chunks of the 256-token minimum: the first level's ff runs in 4 chunks
+    assert ffs[key].chunk_tokens(torch.zeros(1, 1024, 320)) == 256
+    chunked = run_unet(patched, x, c)
+    for f in ffs.values():
+        f.chunk_elements = 1 << 40
+    whole = run_unet(patched, x, c)
+    assert torch.allclose(chunked, whole, rtol=1e-5, atol=1e-5), (chunked - whole).abs().max()
