@@ -22,19 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.host import host_info  # noqa: E402
-
-# Channels and latent-area divisor of each family's first transformer level: where the feed-forward chunking of
-# linfusion_core/chunked.py starts, and with it the second line of the estimate.
-FIRST_TRANSFORMER_LEVEL = {"sd15": (320, 1), "sd21": (320, 1), "sdxl": (640, 4)}
+from linfusion_core.chunked import FIRST_TRANSFORMER_LEVEL, is_chunked  # noqa: E402
 
 
 def is_chunked_row(family: str, latent_px: int, batch: int) -> bool:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_chunked", REPO / "linfusion_core" / "chunked.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """Whether this row's first transformer level runs its feed-forward in token chunks (the estimate's
+    second line)."""
     channels, area_divisor = FIRST_TRANSFORMER_LEVEL[family]
-    return mod.is_chunked(batch, latent_px // batch // area_divisor, channels)
+    return is_chunked(batch, latent_px // batch // area_divisor, channels)
 
 
 def run_one(python: str, family: str, config: str, size: str, batch: int) -> dict:
@@ -102,8 +97,8 @@ def main(argv=None):
     for r in rows:
         ratio = f"{r['estimate'] / r['linfusion']:.2f}" if r.get("estimate") else "–"
         lines.append(f"| {r['size'].replace('x', '×')}{'' if r['batch'] == 1 else ', batch ' + str(r['batch'])} | "
-                     f"{r['latent_px']} | {'yes' if r['ff_chunked'] else 'no'} | {mb(r['stock'])} | {mb(r['linfusion'])} | {mb(r['formula'])} | "
-                     f"{mb(r.get('estimate'))} | {ratio} |")
+                     f"{r['latent_px']} | {'yes' if r['ff_chunked'] else 'no'} | {mb(r['stock'])} | "
+                     f"{mb(r['linfusion'])} | {mb(r['formula'])} | {mb(r.get('estimate'))} | {ratio} |")
     lines.append("")
     for regime, (a, b) in fits.items():
         lines.append(f"Least-squares line through the LinFusion peaks, feed-forward {regime}: {a:,.0f} B per "
@@ -114,7 +109,8 @@ def main(argv=None):
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"step_memory_{args.family}_cpu"
     (args.out_dir / f"{stem}.md").write_text(table + "\n")
-    (args.out_dir / f"{stem}.json").write_text(json.dumps({"rows": rows, "fits": {k: {"per_pixel": a, "fixed": b} for k, (a, b) in fits.items()}}, indent=1))
+    fit_json = {k: {"per_pixel": a, "fixed": b} for k, (a, b) in fits.items()}
+    (args.out_dir / f"{stem}.json").write_text(json.dumps({"rows": rows, "fits": fit_json}, indent=1))
 
 
 if __name__ == "__main__":

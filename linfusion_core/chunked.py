@@ -13,6 +13,9 @@ from torch import nn
 
 CHUNK_ELEMENTS = 1 << 22  # batch x tokens x channels of one input chunk (16 MB in fp32; FF temporaries 16x that)
 
+# Channels and latent-area divisor of each family's first transformer level: where chunking starts first.
+FIRST_TRANSFORMER_LEVEL = {"sd15": (320, 1), "sd21": (320, 1), "sdxl": (640, 4)}
+
 
 def chunk_tokens(batch: int, channels: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
     """Tokens per chunk for an input of ``batch`` x tokens x ``channels``."""
@@ -57,4 +60,4 @@ class TokenChunkedFeedForward(nn.Module):
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The original module behind a TokenChunkedFeedForward (or the module itself)."""
-    return getattr(module, "_base", module) if isinstance(module, TokenChunkedFeedForward) else module
+    return module._base if isinstance(module, TokenChunkedFeedForward) else module

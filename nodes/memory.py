@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from ..linfusion_core.chunked import is_chunked
+from ..linfusion_core.chunked import FIRST_TRANSFORMER_LEVEL, is_chunked
 
 # Bytes per latent pixel per batch row and a fixed part, fp32 activations, from the measured peaks
 # (least-squares line; see README). Keyed by ComfyUI model_config class name.
@@ -32,7 +32,7 @@ from ..linfusion_core.chunked import is_chunked
 # "chunked": the line once the first transformer level's feed-forward runs in token chunks (see
 # linfusion_core/chunked.py; "first_transformer_level" = its channels and its area divisor against the latent).
 _SD15 = {"per_pixel": 38_000.0, "fixed": 120e6, "measured": "SD-1.5 UNet, CPU fp32, 512x256..1536x768",
-         "first_transformer_level": (320, 1),
+         "first_transformer_level": FIRST_TRANSFORMER_LEVEL["sd15"],
          "chunked": {"per_pixel": 16_100.0, "fixed": 360e6, "measured": "SD-1.5 UNet, CPU fp32, 2048x1024..4096x2048"}}
 # SD-XL was measured before feed-forward chunking (1024x512..2048x2048): above the chunking threshold (2048x2048 at
 # batch 1) this line over-estimates; no "chunked" line measured yet.

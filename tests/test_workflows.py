@@ -193,8 +193,8 @@ def _measure_step(host, family: str, sizes: list, check_sampling: bool = True) -
 
 def test_memory_estimate_matches_measured_peak(host):
     """Peak RSS growth of one patched UNet step (true-size generated SD-1.5 UNet, CPU, fp32, batch 1) at three
-    sizes (two below, one above the feed-forward chunking threshold) against the patched model's memory_required: the estimate covers the peak, is within 2x of it and below
-    ComfyUI's stock formula; while sampling, the model reports that estimate (the object patch is live), and the
+    sizes (two below, one above the feed-forward chunking threshold) against the patched model's
+    memory_required: the estimate covers the peak, is within 2x of it and below ComfyUI's stock formula; while sampling, the model reports that estimate (the object patch is live), and the
     loads before sampling are sized by it too.
     SD-XL's coefficients come from benchmarks/bench_step_memory.py: its true-size fp32 UNet is 10 GB, which does
     not fit beside the rest of the suite in CI's 24 GB (it was killed there), so it is not a test."""
