@@ -49,8 +49,10 @@ NAMES = {
 
 
 def fixtures_dir() -> Path:
+    """Where generated checkpoints are cached: ``LINFUSION_FIXTURES_DIR``, else ``<host>/fixtures``. The files do
+    not depend on the ComfyUI host that made them, so several hosts (and worktrees) can share one cache."""
     from .env import host_dir
-    d = host_dir() / "fixtures"
+    d = Path(os.environ.get("LINFUSION_FIXTURES_DIR") or host_dir() / "fixtures")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
