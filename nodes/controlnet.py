@@ -22,6 +22,7 @@ from ..linfusion_core.checkpoint import LinFusionCheckpoint, LinFusionFileError,
 from ..linfusion_core.chunked import TokenChunkedFeedForward
 from ..linfusion_core.layer import LinFusionAttention, build_layer
 from ..linfusion_core.mapping import diffusers_attn1_layers, diffusers_module_order, layer_map
+from . import lifecycle
 from .patching import chunk_feed_forwards
 
 log = logging.getLogger("LinFusion")
@@ -66,6 +67,14 @@ class LinFusionControlNet(comfy.controlnet.ControlNet):
         c.control_model_wrapped = self.control_model_wrapped.clone()
         self.copy_to(c)
         c.linfusion_report = self.linfusion_report
+        return c
+
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        # ComfyUI 0.33+ builds the copy for another GPU from a deep copy of the control model and a fresh patcher
+        # without object patches; give that patcher ours, rebuilt over the copy's own modules.
+        c = super().deepclone_multigpu(load_device, autoregister=autoregister)
+        lifecycle.rebind(lifecycle.our_patches(self.control_model_wrapped), c.control_model_wrapped, reset_tree=True)
+        lifecycle.attach(c.control_model_wrapped)
         return c
 
 
@@ -249,6 +258,7 @@ def apply_linfusion_controlnet(control_net, ckpt: LinFusionCheckpoint):
         report.patched.append((path, name, lw.index))
     m = c.control_model_wrapped
     chunk_feed_forwards(m, [path for _, path, _ in found])
+    lifecycle.attach(m)
     if isinstance(getattr(m, "size", None), int) and m.size > 0:
         m.size += extra_bytes
     c.linfusion_report = report

@@ -12,6 +12,7 @@ from ..linfusion_core.checkpoint import LinFusionCheckpoint, LinFusionFileError
 from ..linfusion_core.chunked import TokenChunkedFeedForward, unwrap
 from ..linfusion_core.layer import LinFusionAttention, build_layer
 from ..linfusion_core.mapping import check_widths, layer_map
+from . import lifecycle
 from .memory import install_memory_estimate
 
 log = logging.getLogger("LinFusion")
@@ -85,6 +86,7 @@ def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int 
         m.size += extra_bytes
     chunk_feed_forwards(m, [f"diffusion_model.{path}" for _, path in mapped])
     install_memory_estimate(m, softmax_below_tokens)
+    lifecycle.attach(m)
     log.info("LinFusion: %s -> %d self-attention layers of the %s model (%s)", ckpt.path.name, len(mapped), family,
              "own projections" if mapped[0][0].has_projections else "base projections")
     return m

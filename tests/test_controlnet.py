@@ -165,6 +165,26 @@ def test_sd15_controlnet_patched_and_original_unchanged(cn, lf, sd15_cn, layout)
         del net
 
 
+@pytest.mark.server
+def test_multigpu_copy_keeps_linfusion(cn, lf, sd15_cn):
+    """ComfyUI 0.33's MultiGPU gives each extra device ``deepclone_multigpu(device)``: a deep copy of the control
+    model under a fresh patcher. That copy must run LinFusion too, over its own modules, with the same residuals."""
+    import comfy.controlnet
+    if not hasattr(comfy.controlnet.ControlNet, "deepclone_multigpu"):
+        pytest.skip("this ComfyUI has no multi-GPU ControlNet clones (they came with 0.33); CI runs this on 0.33.0")
+    patched_net, _ = cn.apply_linfusion_controlnet(sd15_cn, lf["sd15"])
+    ref = _residuals(patched_net)
+    other = patched_net.deepclone_multigpu(torch.device("cpu"))
+    assert other.control_model is not patched_net.control_model
+    ours = {k: v for k, v in other.control_model_wrapped.object_patches.items() if k.endswith(".attn1")}
+    assert len(ours) == SD15_ENCODER_LAYERS
+    own_modules = {id(m) for m in other.control_model.modules()}
+    assert all(id(layer._base) in own_modules and id(layer.to_q) in own_modules for layer in ours.values())
+    got = _residuals(other)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    _assert_differ_and_finite(_residuals(sd15_cn), got)
+
+
 def test_lone_linfusion_file_maps_by_unet_order(cn, lf, sd15_cn):
     c, rep = cn.apply_linfusion_controlnet(sd15_cn, lf["sd15-file"])
     c2, rep2 = cn.apply_linfusion_controlnet(sd15_cn, lf["sd15"])

@@ -1,0 +1,120 @@
+"""DynamicVRAM (ComfyUI 0.33+, ``ModelPatcherDynamic``, on by default on NVIDIA) and multi-GPU clones, replayed on
+CPU with the host's own ModelPatcher code and a generated UNet with the true SD-1.5 architecture.
+
+What cannot exist here is mocked, and only that: ModelPatcherDynamic needs a CUDA device, and its constructor hands
+CPU models to the classic patcher, so the tests let it construct on CPU (its ``_vbar_get`` already returns no VBAR
+for a CPU device), with an empty stand-in for comfy-aimdo's pinned host buffer (its native library needs CUDA), and
+with ``partially_unload`` reduced to what it does when there is no VBAR to free (its first line asserts a non-CPU
+device): ``restore_loaded_backups()``. Everything else, load_models_gpu, load/partially_load/detach/unpatch and the shared backup dicts,
+is the host's own code. On hosts without ModelPatcherDynamic (0.3.75) the tests skip; CI runs them on 0.33.0.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import fixtures, linfusion_fixtures
+
+pytestmark = pytest.mark.server
+
+SIGMA = torch.tensor([1.5])
+
+
+class _NoPinnedMemory:
+    """Stand-in for comfy_aimdo.host_buffer.HostBuffer (CUDA pinned host memory): holds nothing."""
+    def __init__(self, *args, **kwargs):
+        self.size = 0
+
+    def truncate(self, *args, **kwargs):
+        pass
+
+
+def _inputs(seed=0, hw=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, hw, hw, generator=g), torch.randn(1, 77, 768, generator=g)
+
+
+@pytest.fixture(scope="module")
+def dyn(comfy_inproc, pack, tmp_path_factory):
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+    import comfy.sd
+    cls = getattr(mp, "ModelPatcherDynamic", None)
+    if cls is None:
+        pytest.skip("this ComfyUI has no ModelPatcherDynamic (it came with 0.33); CI runs this file on 0.33.0")
+    import comfy_aimdo.host_buffer
+    mpatch = pytest.MonkeyPatch()
+    # The mocks: construct on CPU instead of rerouting to the classic patcher (clone() goes through it too), and
+    # an empty pinned-memory buffer.
+    mpatch.setattr(cls, "__new__", lambda c, *a, **k: object.__new__(c))
+    mpatch.setattr(comfy_aimdo.host_buffer, "HostBuffer", _NoPinnedMemory)
+    mpatch.setattr(cls, "partially_unload", lambda self, *a, **k: self.restore_loaded_backups())
+    classic = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")))  # ComfyUI's real loader
+    cpu = torch.device("cpu")
+    plain = cls(classic.model, load_device=cpu, offload_device=cpu, size=classic.model_size())
+    plain.cached_patcher_init = getattr(classic, "cached_patcher_init", None)  # what the core loader registered
+    assert plain.is_dynamic()
+    path = linfusion_fixtures.write("sd15", tmp_path_factory.mktemp("lf") / "lf.safetensors", layout="file", seed=4)
+    ckpt = pack.linfusion_core.checkpoint.load_checkpoint(path)
+    yield {"plain": plain, "ckpt": ckpt, "pack": pack, "cls": cls}
+    mm.unload_all_models()
+    mpatch.undo()
+
+
+def run(m, x, c):
+    import comfy.model_management as mm
+    mm.load_models_gpu([m])
+    to = dict(m.model_options.get("transformer_options", {}))
+    with torch.no_grad():
+        return m.model.apply_model(x, SIGMA, c_crossattn=c, transformer_options=to).float()
+
+
+def test_plain_model_survives_linfusion_runs_and_unloads(dyn):
+    """Sample patched, then plain from the same checkpoint, then patched again, then a full unload: nothing raises
+    and the plain model's output is bit-identical to its output before any LinFusion run."""
+    import comfy.model_management as mm
+    patching = dyn["pack"].nodes.patching
+    plain = dyn["plain"]
+    x, c = _inputs()
+    before = run(plain, x, c)
+
+    lf = patching.apply_linfusion(plain, dyn["ckpt"])
+    assert isinstance(lf, dyn["cls"])
+    out_lf = run(lf, x, c)
+    own = [k for k in plain.backup if ".attn1.linfusion." in k]
+    assert own, "the dynamic load should have backed up LinFusion's small layers (else this replay tests nothing)"
+
+    after_lf = run(plain, x, c)  # a plain clone loads next: ComfyUI detaches the LinFusion clone first
+    assert torch.equal(after_lf, before)
+    assert not any(".linfusion." in k for k in plain.backup)
+
+    again = run(lf, x, c)
+    assert torch.equal(again, out_lf)
+    assert not torch.allclose(out_lf, before)  # the LinFusion clone really ran LinFusion
+
+    mm.unload_all_models()  # "Unload models" / POST /free: detach with a full unpatch
+    assert not plain.backup and not plain.object_patches_backup
+    assert torch.equal(run(plain, x, c), before)
+    mm.unload_all_models()
+
+
+def test_multigpu_clone_runs_linfusion_on_its_own_copy(dyn):
+    """ModelPatcher.deepclone_multigpu (ComfyUI's MultiGPU) builds a patcher over a fresh copy of the model; its
+    LinFusion layers must sit on that copy's modules and give the same output as the original patched model."""
+    import comfy.model_management as mm
+    plain = dyn["plain"]
+    assert plain.cached_patcher_init is not None  # ComfyUI 0.33's loaders register it (multi-GPU needs it)
+    lf = dyn["pack"].nodes.patching.apply_linfusion(plain, dyn["ckpt"])
+    x, c = _inputs(1)
+    ref = run(lf, x, c)
+    mm.unload_all_models()
+    clone = lf.deepclone_multigpu(new_load_device=torch.device("cpu"))
+    assert clone.model is not lf.model
+    patches = dyn["pack"].nodes.lifecycle.our_patches(clone)
+    assert patches and len(patches) == len(dyn["pack"].nodes.lifecycle.our_patches(lf))
+    own_modules = {id(mod) for mod in clone.model.modules()}
+    for key, obj in patches.items():
+        base = getattr(obj, "_base")
+        assert id(base) in own_modules, key  # built over the copy's layer, not the original's
+    assert torch.equal(run(clone, x, c), ref)
+    mm.unload_all_models()
