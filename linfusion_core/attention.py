@@ -19,6 +19,7 @@ Implementations:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ __all__ = [
     "linear_attention_triton",
     "authors_style_attention",
     "triton_supports",
+    "triton_geometry",
     "IMPL_ENV",
 ]
 
@@ -288,6 +290,41 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return q.shape[-1] // heads <= _TRITON_MAX_HEAD
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class TritonGeometry:
+    """Launch geometry of the two Triton kernels (pure arithmetic, no GPU or Triton needed)."""
+
+    block_d: int  # head-size tile (tl.dot needs >= 16)
+    n_tiles: int  # tiles per head size
+    kv_block_n: int  # key tokens per step of the kv-state kernel
+    tokens_per_split: int  # key tokens per program of the kv-state kernel
+    n_splits: int  # key-token splits per (batch, head)
+    kv_grid: tuple[int, int, int]
+    q_block_n: int  # query tokens per program of the apply kernel
+    apply_grid: tuple[int, int, int]
+
+
+def triton_geometry(B: int, H: int, N: int, M: int, d: int, *, target_programs: int) -> TritonGeometry:
+    """Grids and block sizes for B samples, H heads of size d, N query and M key tokens."""
+    block_d = 64 if d > 32 else max(16, 1 << (d - 1).bit_length())
+    n_tiles = _cdiv(d, block_d)
+    kv_block_n = 64
+    n_blocks = max(1, _cdiv(M, kv_block_n))
+    n_splits = max(1, min(n_blocks, target_programs // max(1, B * H * n_tiles * n_tiles)))
+    tokens_per_split = _cdiv(n_blocks, n_splits) * kv_block_n
+    n_splits = max(1, _cdiv(M, tokens_per_split))
+    q_block_n = 64
+    return TritonGeometry(
+        block_d=block_d, n_tiles=n_tiles, kv_block_n=kv_block_n, tokens_per_split=tokens_per_split,
+        n_splits=n_splits, kv_grid=(B * H, n_tiles * n_tiles, n_splits),
+        q_block_n=q_block_n, apply_grid=(B * H, _cdiv(N, q_block_n), n_tiles),
+    )
+
+
 def linear_attention_triton(q, k, v, heads: int, eps: float = 1e-4) -> torch.Tensor:
     """Triton forward: kernel 1 reduces phi(k)^T v and sum phi(k) per (batch, head, token split) in
     fp32, a deterministic torch sum merges the splits, kernel 2 applies the state to the queries."""
@@ -299,42 +336,34 @@ def linear_attention_triton(q, k, v, heads: int, eps: float = 1e-4) -> torch.Ten
         raise ValueError(f"Triton path does not support dtype {q.dtype}/{k.dtype}/{v.dtype} or head size {d}")
     triton, kv_state_kernel, apply_kernel = kernels
     H = heads
-    BLOCK_D = 64 if d > 32 else max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
-    n_tiles = triton.cdiv(d, BLOCK_D)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs get full fp32 products
     out = torch.empty(B, N, C, dtype=q.dtype, device=q.device)
     if N == 0:
         return out
-
-    BLOCK_NK = 64
     if q.is_cuda:
         target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
         target = 8  # interpreter: few programs keep it quick
-    n_blocks = max(1, triton.cdiv(M, BLOCK_NK))
-    n_splits = max(1, min(n_blocks, target // max(1, B * H * n_tiles * n_tiles)))
-    tokens_per_split = triton.cdiv(n_blocks, n_splits) * BLOCK_NK
-    n_splits = max(1, triton.cdiv(M, tokens_per_split))
+    g = triton_geometry(B, H, N, M, d, target_programs=target)
 
-    kv_part = torch.empty(B * H, n_splits, d, d, dtype=torch.float32, device=q.device)
-    ks_part = torch.empty(B * H, n_splits, d, dtype=torch.float32, device=q.device)
-    kv_state_kernel[(B * H, n_tiles * n_tiles, n_splits)](
+    kv_part = torch.empty(B * H, g.n_splits, d, d, dtype=torch.float32, device=q.device)
+    ks_part = torch.empty(B * H, g.n_splits, d, dtype=torch.float32, device=q.device)
+    kv_state_kernel[g.kv_grid](
         k, v, kv_part, ks_part,
-        M, H, d, tokens_per_split, n_splits,
+        M, H, d, g.tokens_per_split, g.n_splits,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        BLOCK_N=BLOCK_NK, BLOCK_D=BLOCK_D, N_TILES=n_tiles, PRECISION=precision,
+        BLOCK_N=g.kv_block_n, BLOCK_D=g.block_d, N_TILES=g.n_tiles, PRECISION=precision,
     )
     kv = (kv_part.sum(dim=1) / N).contiguous()
     kmean = (ks_part.sum(dim=1) / max(M, 1)).contiguous()
 
-    BLOCK_NQ = 64
-    apply_kernel[(B * H, triton.cdiv(N, BLOCK_NQ), n_tiles)](
+    apply_kernel[g.apply_grid](
         q, kv, kmean, out,
         N, H, d, eps,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_N=BLOCK_NQ, BLOCK_D=BLOCK_D, N_TILES=n_tiles, PRECISION=precision,
+        BLOCK_N=g.q_block_n, BLOCK_D=g.block_d, N_TILES=g.n_tiles, PRECISION=precision,
     )
     return out
 
