@@ -19,6 +19,17 @@ def _mlp(dim, mid, ops, dtype, device) -> nn.Sequential:
                          ops.Linear(mid, dim, dtype=dtype, device=device))
 
 
+TOKENS = ("A layer's tokens are the latent width x height at its level, per image: (width/8)*(height/8) at the "
+          "first level of SD-1.5/2.x (SD-XL's attention starts one level down), a quarter of that per level down.")
+
+
+def runs_softmax(tokens: int, softmax_below_tokens: int) -> bool:
+    """The one meaning of ``softmax_below_tokens``, used by the layer, the memory estimate and the node's tooltip:
+    a layer whose input holds fewer ``tokens`` than this keeps the base model's softmax attention (0 = never).
+    See ``TOKENS``."""
+    return softmax_below_tokens > 0 and tokens < softmax_below_tokens
+
+
 class LinFusionWeights(nn.Module):
     def __init__(self, dim: int, mid_dim: int, own_projections: bool, ops=nn, dtype=None, device=None):
         super().__init__()
@@ -74,10 +85,15 @@ class LinFusionAttention(nn.Module):
         return f"{self.label} heads={self.heads}, softmax_below_tokens={self.softmax_below_tokens}"
 
 
-def build_layer(base: nn.Module, lw, ops=nn, dtype=None, softmax_below_tokens: int = 0, label: str = ""):
-    """A LinFusionAttention for ``base`` loaded with one checkpoint layer (``lw``: checkpoint.LayerWeights)."""
-    weights = LinFusionWeights(lw.dim, lw.mid_dim, lw.has_projections, ops=ops, dtype=dtype, device="cpu")
-    sd = {k: v.to(dtype) if dtype is not None else v for k, v in lw.tensors.items()}
+def build_layer(base: nn.Module, lw, ops=nn, dtype=None, softmax_below_tokens: int = 0, label: str = "",
+                use_file_projections: bool = True):
+    """A LinFusionAttention for ``base`` loaded with one checkpoint layer (``lw``: checkpoint.LayerWeights).
+    ``use_file_projections=False`` keeps ``base``'s own to_q/to_k/to_v/to_out even when the file has some (a
+    ControlNet's, fine-tuned with it) and takes only LinFusion's MLPs from the file."""
+    own = lw.has_projections and use_file_projections
+    weights = LinFusionWeights(lw.dim, lw.mid_dim, own, ops=ops, dtype=dtype, device="cpu")
+    sd = {k: v.to(dtype) if dtype is not None else v for k, v in lw.tensors.items()
+          if own or k.startswith(("to_q_.", "to_k_."))}
     missing, unexpected = weights.load_state_dict(sd, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     return LinFusionAttention(base, weights, softmax_below_tokens, label)

@@ -1,6 +1,7 @@
 """ApplyLinFusion: a clone of the model whose self-attention layers run LinFusion."""
 from __future__ import annotations
 
+from ..linfusion_core.layer import TOKENS
 from .patching import apply_linfusion
 
 
@@ -24,8 +25,8 @@ class ApplyLinFusion:
                 "softmax_below_tokens": ("INT", {
                     "default": 0, "min": 0, "max": 1 << 30, "step": 256,
                     "tooltip": "Layers that see fewer tokens than this run the model's original softmax attention "
-                               "(its own quality where it is cheap). Tokens of a layer = (width/8)*(height/8) at the "
-                               "first level, /4 per level down: 1024x1024 gives 16384, 4096, 1024. 0 = always linear."}),
+                               "(its own quality where it is cheap). " + TOKENS + " SD-1.5 at 1024x1024: 16384, "
+                               "4096, 1024, 256. 0 = always linear."}),
             },
         }
 

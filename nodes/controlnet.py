@@ -3,7 +3,8 @@
 A ControlNet (comfy.cldm.cldm.ControlNet) repeats the UNet's input blocks and middle block, with their own softmax
 self-attention, at the full latent size on every step. Its attn1 layers carry the same diffusers names as the UNet's
 (``down_blocks.*`` / ``mid_block.*``), so the LinFusion weights of those UNet layers are reused there, matched by
-name and checked by width. The patches live on a clone of the ControlNet's ModelPatcher (``control_model_wrapped``):
+name and checked by width. Only LinFusion's MLPs (``to_q_``/``to_k_``) are taken from the file: the ControlNet keeps
+its own attn1 projections, fine-tuned with it, for every family. The patches live on a clone of the ControlNet's ModelPatcher (``control_model_wrapped``):
 the incoming ControlNet is never changed, and ComfyUI loads, offloads and unpatches the clone like any model."""
 from __future__ import annotations
 
@@ -252,7 +253,9 @@ def apply_linfusion_controlnet(control_net, ckpt: LinFusionCheckpoint):
     extra_bytes = 0
     for lw, path, name in found:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        layer = build_layer(bases[path], lw, ops=ops, dtype=dtype, label=f"controlnet.{path}")
+        # The ControlNet keeps its own attn1 projections (trained with it); only LinFusion's MLPs come from the file.
+        layer = build_layer(bases[path], lw, ops=ops, dtype=dtype, label=f"controlnet.{path}",
+                            use_file_projections=False)
         extra_bytes += sum(p.numel() * p.element_size() for p in layer.linfusion.parameters())
         c.control_model_wrapped.add_object_patch(path, layer)
         report.patched.append((path, name, lw.index))

@@ -9,6 +9,11 @@ and only then restores that dict by path, which no longer resolves ("'CrossAtten
 'linfusion'"). An injection's eject runs before every detach and unpatch of our clone, so there we hand those
 parameters their originals back ourselves, on our own modules, and drop their entries.
 
+LoRAs: the released SD-1.5 / SD-2.1 files carry LinFusion's own ``to_q/to_k/to_v/to_out``, and those are what run.
+A LoRA names the base layer's projections, whose keys still resolve (they stay in our module under their own names,
+for the softmax fallback). Before every sampling run each such weight patch is also put on the matching LinFusion
+projection, so LoRAs loaded before or after Apply LinFusion reach the attention that runs.
+
 Multi-GPU (0.33+): ``ModelPatcher.deepclone_multigpu`` and ``match_multigpu_clones`` give another copy of the model
 our object patches, which still hold the first copy's modules and weights. The callbacks rebuild them over the
 copy's own modules.
@@ -16,14 +21,20 @@ copy's own modules.
 from __future__ import annotations
 
 import copy
+import logging
+import uuid
 
 import comfy.patcher_extension as pe
 import comfy.utils
 
 from ..linfusion_core.chunked import TokenChunkedFeedForward
 from ..linfusion_core.layer import LinFusionAttention
+from .memory import preload_with_estimate
+
+log = logging.getLogger("LinFusion")
 
 KEY = "linfusion"
+PROJECTIONS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
 OUR_TYPES = (LinFusionAttention, TokenChunkedFeedForward)
 
 
@@ -97,9 +108,78 @@ def _on_multigpu_clone(src, clone):
     rebind(our_patches(src), clone)
 
 
+def mirror_projection_patches(patcher) -> int:
+    """Give each LinFusion layer's own projections the weight patches (LoRA deltas) that ``patcher`` holds for the
+    base layer's projections of the same name; drop mirrored ones whose source is gone. Returns how many keys
+    changed (then the patches' uuid changes too, so ComfyUI re-patches the weights on the next load)."""
+    changed = 0
+    for key, layer in our_patches(patcher).items():
+        if not isinstance(layer, LinFusionAttention) or not layer.linfusion.own_projections:
+            continue
+        for name in PROJECTIONS:
+            src, dst = f"{key}.{name}", f"{key}.linfusion.{name}"
+            want, have = patcher.patches.get(src, []), patcher.patches.get(dst, [])
+            if len(want) == len(have) and all(a is b for a, b in zip(want, have)):
+                continue
+            if want:
+                patcher.patches[dst] = list(want)
+            else:
+                patcher.patches.pop(dst, None)
+            changed += 1
+    if changed:
+        patcher.patches_uuid = uuid.uuid4()
+    return changed
+
+
+def bypasses(model_options: dict) -> list:
+    """What in these model options would run instead of the LinFusion layers, or be ignored by them."""
+    to = (model_options or {}).get("transformer_options", {})
+    found = []
+    replace = to.get("patches_replace", {}).get("attn1", {})
+    if replace:
+        names = ", ".join(map(str, list(replace)[:4])) + (", ..." if len(replace) > 4 else "")
+        found.append(f"{len(replace)} attn1 replace patch(es) ({names}): ComfyUI calls those instead of the attention "
+                     "module, so LinFusion is bypassed in those blocks (they run that patch's attention)")
+    override = to.get("optimized_attention_override")
+    if override is not None:
+        name = getattr(override, "__qualname__", None) or type(override).__name__
+        found.append(f"an optimized_attention_override ({name}): LinFusion's layers do not call ComfyUI's attention "
+                     "functions, so it applies only to cross-attention and to layers on the softmax fallback")
+    return found
+
+
+def hooked_projections(patcher) -> list:
+    """Weight hooks (ComfyUI's "Create Hook LoRA" nodes) on the base projections of layers that run LinFusion's
+    own projections: those deltas reach only the softmax fallback."""
+    own = [k for k, layer in our_patches(patcher).items()
+           if isinstance(layer, LinFusionAttention) and layer.linfusion.own_projections]
+    hooked = {key for patches in getattr(patcher, "hook_patches", {}).values() for key in patches}
+    hit = sorted(k for k in own if any(f"{k}.{name}" in hooked for name in PROJECTIONS))
+    if not hit:
+        return []
+    return [f"LoRA hooks on the self-attention projections of {len(hit)} layer(s) ({', '.join(hit[:2])}"
+            f"{', ...' if len(hit) > 2 else ''}): LinFusion runs its own projections there, so those deltas apply "
+            "only where a layer falls back to softmax; load the LoRA with a LoRA loader instead"]
+
+
+def prepare_sampling(executor, model, noise_shape, conds, *args, **kwargs):
+    """PREPARE_SAMPLING wrapper of a patched clone, before ComfyUI loads it: LoRA deltas onto LinFusion's own
+    projections, one warning per run for anything that bypasses LinFusion, then the load with the measured memory
+    estimate."""
+    mirror_projection_patches(model)
+    options = kwargs.get("model_options")
+    for what in bypasses(options if options is not None else model.model_options) + hooked_projections(model):
+        log.warning("LinFusion: this run has %s.", what)
+    return preload_with_estimate(executor, model, noise_shape, conds, *args, **kwargs)
+
+
 def attach(patcher):
-    """Register the DynamicVRAM hand-back and the multi-GPU rebinding on a patched clone (once per key)."""
+    """Register the DynamicVRAM hand-back, the sampling-time wrapper and the multi-GPU rebinding on a patched clone
+    (once per key), and mirror the LoRA patches it already has."""
     patcher.set_injections(KEY, [pe.PatcherInjection(inject=lambda p: None, eject=hand_back_own_weights)])
+    patcher.remove_wrappers_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY)
+    patcher.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, prepare_sampling)
+    mirror_projection_patches(patcher)
     for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES"):  # ComfyUI 0.33+
         call_type = getattr(pe.CallbacksMP, name, None)
         if call_type is not None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 
-from ..linfusion_core.chunked import FIRST_TRANSFORMER_LEVEL, is_chunked
+from ..linfusion_core.chunked import ATTENTION_LEVELS, FIRST_TRANSFORMER_LEVEL, is_chunked
+from ..linfusion_core.layer import runs_softmax
 
 # Bytes per latent pixel per batch row and a fixed part, fp32 activations, from the measured peaks
 # (least-squares line; see README). Keyed by ComfyUI model_config class name.
@@ -32,11 +33,12 @@ from ..linfusion_core.chunked import FIRST_TRANSFORMER_LEVEL, is_chunked
 # "chunked": the line once the first transformer level's feed-forward runs in token chunks (see
 # linfusion_core/chunked.py; "first_transformer_level" = its channels and its area divisor against the latent).
 _SD15 = {"per_pixel": 38_000.0, "fixed": 120e6, "measured": "SD-1.5 UNet, CPU fp32, 512x256..1536x768",
-         "first_transformer_level": FIRST_TRANSFORMER_LEVEL["sd15"],
+         "first_transformer_level": FIRST_TRANSFORMER_LEVEL["sd15"], "attention_levels": ATTENTION_LEVELS["sd15"],
          "chunked": {"per_pixel": 16_100.0, "fixed": 360e6, "measured": "SD-1.5 UNet, CPU fp32, 2048x1024..4096x2048"}}
 # SD-XL was measured before feed-forward chunking (1024x512..2048x2048): above the chunking threshold (2048x2048 at
 # batch 1) this line over-estimates; no "chunked" line measured yet.
-_SDXL = {"per_pixel": 21_300.0, "fixed": 152e6, "measured": "SD-XL UNet, CPU fp32, 1024x512..2048x2048"}
+_SDXL = {"per_pixel": 21_300.0, "fixed": 152e6, "measured": "SD-XL UNet, CPU fp32, 1024x512..2048x2048",
+         "attention_levels": ATTENTION_LEVELS["sdxl"]}
 MEASURED = {
     "SD15": _SD15,
     # Same UNet widths and depths as SD-1.5 (only head sizes and linear proj_in/out differ); not measured apart.
@@ -79,20 +81,30 @@ def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, coeff
     stock = type(base).memory_required.__get__(base)  # the class's own method, whatever is patched in now
     threshold = int(softmax_below_tokens or 0)
 
+    levels = coeff.get("attention_levels", (1,))
+
     def memory_required(input_shape, cond_shapes={}):
-        tokens = math.prod(input_shape[2:])
-        if threshold and tokens < threshold:
-            return stock(input_shape, cond_shapes=cond_shapes)
-        return linear_estimate(input_shape, _dtype_size(base), coeff)
+        soft = softmax_tokens(input_shape, threshold, levels)
+        if soft and soft[0] == math.prod(input_shape[2:]) // levels[0]:
+            return stock(input_shape, cond_shapes=cond_shapes)  # the largest level too: a stock UNet
+        est = linear_estimate(input_shape, _dtype_size(base), coeff)
+        if soft:
+            # The largest level left on softmax, at ComfyUI's stock rate for a UNet whose first attention level
+            # has that many tokens (one layer's attention temporaries live at a time).
+            est += stock(list(input_shape[:2]) + [soft[0] * levels[0], 1], cond_shapes=cond_shapes)
+        return est
 
     return memory_required
 
 
-WRAPPER_KEY = "linfusion_memory_estimate"
+def softmax_tokens(input_shape, softmax_below_tokens: int, levels=ATTENTION_LEVELS["sd15"]) -> list:
+    """Token counts of the attention levels that keep softmax for a latent of ``input_shape``, largest first."""
+    pixels = math.prod(input_shape[2:])
+    return [pixels // d for d in levels if runs_softmax(pixels // d, softmax_below_tokens)]
 
 
 def preload_with_estimate(executor, model, noise_shape, conds, *args, **kwargs):
-    """PREPARE_SAMPLING wrapper. ComfyUI's ``_prepare_sampling`` reads ``model.model.memory_required`` before it
+    """Part of the patched clone's PREPARE_SAMPLING wrapper (nodes/lifecycle.py). ComfyUI's ``_prepare_sampling`` reads ``model.model.memory_required`` before it
     loads the model, i.e. before object patches are applied; on a first load it would size the load from the
     stock formula (at 8K on SD-1.5 that is 82 GB, so classic loading streams every weight). Load the patched
     model first through ``load_models_gpu`` with the measured estimate, so the weights stay resident whenever
@@ -109,16 +121,13 @@ def preload_with_estimate(executor, model, noise_shape, conds, *args, **kwargs):
 
 def install_memory_estimate(model_patcher, softmax_below_tokens: int = 0, coefficients: dict | None = None):
     """Make ``model_patcher`` (a patched clone) report LinFusion's measured linear memory: an object patch
-    "memory_required" with the signature ``(input_shape, cond_shapes={})``, and a PREPARE_SAMPLING wrapper so
-    the pre-load estimate is that one too. Families without a measurement keep ComfyUI's own estimate. Below
-    ``softmax_below_tokens`` first-level tokens the stock estimate is used, since those layers then run softmax
-    attention."""
+    "memory_required" with the signature ``(input_shape, cond_shapes={})``; the clone's PREPARE_SAMPLING wrapper
+    (``preload_with_estimate``) makes the pre-load estimate that one too. Families without a measurement keep
+    ComfyUI's own estimate. Levels that keep softmax (``runs_softmax`` with ``softmax_below_tokens``) add the
+    stock figure for the largest of them; when the first level does, the whole estimate is the stock one."""
     fn = memory_estimate_function(model_patcher, softmax_below_tokens, coefficients)
     if fn is not None:
-        import comfy.patcher_extension as pe
         model_patcher.add_object_patch("memory_required", fn)
-        model_patcher.remove_wrappers_with_key(pe.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
-        model_patcher.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY, preload_with_estimate)
     return model_patcher
 
 

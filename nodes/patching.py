@@ -69,7 +69,8 @@ def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int 
     widths = {p: b.to_q.in_features for p, b in bases.items()}
     heads = {p: b.heads for p, b in bases.items()}
     check_widths(ckpt, mapped, widths, heads, desc)
-    _warn_incompatible_patches(model)
+    for what in lifecycle.bypasses(model.model_options):
+        log.warning("LinFusion: the model given to Apply LinFusion already has %s.", what)
 
     ops, dtype = _operations(model), _weight_dtype(model)
     m = model.clone()
@@ -106,11 +107,3 @@ def chunk_feed_forwards(model, attn1_keys) -> int:
         model.add_object_patch(key, TokenChunkedFeedForward(ff))
         n += 1
     return n
-
-
-def _warn_incompatible_patches(model) -> None:
-    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    if replace:
-        log.warning("LinFusion: this model already has %d attn1 replace patch(es) (%s). ComfyUI runs those instead of "
-                    "the attention module, so those blocks keep that pack's softmax attention and LinFusion is "
-                    "bypassed there.", len(replace), ", ".join(map(str, list(replace)[:4])))

@@ -128,9 +128,9 @@ def test_fp16_sums_accumulate_in_fp32():
     q = (torch.rand(1, N, C, generator=g) * 20 + 20).half()  # ~30: phi ~ 31
     k = (torch.rand(1, N, C, generator=g) * 20 + 20).half()
     v = (torch.rand(1, N, C, generator=g) * 20 + 20).half()
-    # One entry of sum phi(k)^T v is ~ N * 31 * 30 and the key sum ~ N * 31: far past fp16's range.
-    assert N * 31 * 20 > 65504 and N * 21 > 65504
-    assert torch.isinf(torch.tensor(float(N * 31 * 20), dtype=torch.float16))
+    # One entry of sum phi(k)^T v is ~ N * 31 * 30 and the key sum ~ N * 31: far past fp16's range. The premise,
+    # checked on the data: summing phi(k) in fp16 overflows.
+    assert torch.isinf((torch.nn.functional.elu(k) + 1).sum(dim=1, dtype=torch.float16)).any()
     want = formula_fp64(q, k, v, heads)
     for fn in (linear_attention_reference, linear_attention_torch_fast):
         got = fn(q, k, v, heads)
@@ -203,8 +203,7 @@ def test_fast_path_temporary_memory_is_bounded():
     bound = 0.1 * m["input"]  # 10% of q+k+v; the fast path's chunk buffers are ~25 MiB
     assert temporaries <= bound, m
     # Anything that stores N x N scores (even one fp32 score matrix per sample and head) needs
-    # N**2 * 4 bytes = 64 GiB here, so this bound rules out a quadratic implementation.
-    assert bound < N * N * 4 / 1000
+    # N**2 * 4 bytes = 64 GiB here, so this bound (48 MiB) rules out a quadratic implementation.
     # The probe does see token-proportional temporaries: the reference path (fp32 per-head copies
     # of q, k, v and phi) breaks the same bound.
     r = _probe_memory("linear_attention_reference", N, C, H)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from harness import controlnet_fixtures, linfusion_fixtures
 from harness.graphs import Graph, checkpoint
+from harness.reference import layer_f64
 
 SD15_ENCODER_LAYERS = 7  # 6 down + 1 mid
 
@@ -183,6 +184,42 @@ def test_multigpu_copy_keeps_linfusion(cn, lf, sd15_cn):
     got = _residuals(other)
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     _assert_differ_and_finite(_residuals(sd15_cn), got)
+
+
+@pytest.mark.parametrize("layout", controlnet_fixtures.LAYOUTS)
+def test_controlnet_keeps_its_own_projections(cn, lf, layout):
+    """The ControlNet's attn1 projections (trained with it) are what the patched layers use, for files with and
+    without projections: nudging one of them changes the patched ControlNet's residuals."""
+    net = _load("sd15", layout)  # a private copy: it is changed below
+    path = "input_blocks.1.1.transformer_blocks.0.attn1"
+    for which in ("sd15", "sd15-file"):
+        before = _residuals(cn.apply_linfusion_controlnet(net, lf[which])[0])
+        w = _attn1(net, path).to_q.weight
+        with torch.no_grad():
+            w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)).to(w.dtype))
+        after = _residuals(cn.apply_linfusion_controlnet(net, lf[which])[0])
+        assert torch.equal(before[0], after[0])  # before the first attention
+        assert not torch.allclose(before[1], after[1], rtol=1e-3, atol=1e-5), which
+    del net
+
+
+def test_patched_controlnet_layer_matches_float64_formula(cn, lf, sd15_cn):
+    """A patched ControlNet layer is LinFusion's formula with the file's MLPs and the ControlNet's own projections,
+    checked against the float64 reference."""
+    c, rep = cn.apply_linfusion_controlnet(sd15_cn, lf["sd15"])
+    path, _, index = rep.patched[2]
+    layer = c.control_model_wrapped.object_patches[path]
+    base = layer._base
+    lw = next(lw for lw in lf["sd15"].layers if lw.index == index)
+    assert lw.has_projections and not layer.linfusion.own_projections
+    x = torch.randn(2, 200, lw.dim, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = layer(x).double()
+    own = (base.to_q.weight, base.to_k.weight, base.to_v.weight, base.to_out[0].weight, base.to_out[0].bias)
+    want = layer_f64(lw.tensors, x, layer.heads, own)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"ControlNet layer {path}: max |layer - float64 formula| / max |out| = {err:.2e}")
+    assert err < 1e-5, err
 
 
 def test_lone_linfusion_file_maps_by_unet_order(cn, lf, sd15_cn):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness import fixtures, linfusion_fixtures
+from harness.reference import layer_f64
 
 SIGMA = torch.tensor([1.5])
 
@@ -124,35 +125,6 @@ def test_input_model_is_untouched(ctx, lf):
     assert type(dm.input_blocks[1][1].transformer_blocks[0].attn1).__name__ == "CrossAttention"
 
 
-def _reference_layer_f64(t: dict, x: torch.Tensor, heads: int, base=None) -> torch.Tensor:
-    """The reference-doc formula written out in float64, from the file's tensors."""
-    d = {k: v.double() for k, v in t.items()}
-    x = x.double()
-
-    def mlp(p, u):
-        h = u @ d[f"{p}.0.weight"].T + d[f"{p}.0.bias"]
-        h = torch.nn.functional.layer_norm(h, h.shape[-1:], d[f"{p}.1.weight"], d[f"{p}.1.bias"], eps=1e-5)
-        h = torch.where(h > 0, h, 0.01 * h)
-        return h @ d[f"{p}.3.weight"].T + d[f"{p}.3.bias"]
-
-    wq, wk, wv, wo, bo = (d["to_q.weight"], d["to_k.weight"], d["to_v.weight"], d["to_out.0.weight"],
-                          d["to_out.0.bias"]) if "to_q.weight" in d else base
-    q = (x + mlp("to_q_", x)) @ wq.T
-    k = (x + mlp("to_k_", x)) @ wk.T
-    v = x @ wv.T
-    B, N, C = q.shape
-    hd = C // heads
-    out = torch.empty_like(q)
-    for h in range(heads):
-        s = slice(h * hd, (h + 1) * hd)
-        fq = torch.where(q[..., s] > 0, q[..., s] + 1, torch.exp(q[..., s]))
-        fk = torch.where(k[..., s] > 0, k[..., s] + 1, torch.exp(k[..., s]))
-        kv = torch.einsum("bnd,bne->bde", fk, v[..., s]) / N
-        den = torch.einsum("bnd,bd->bn", fq, fk.mean(1)) + 1e-4
-        out[..., s] = torch.einsum("bnd,bde->bne", fq, kv) / den[..., None]
-    return out @ wo.T + bo
-
-
 @pytest.mark.parametrize("which", ["single", "noproj"])
 def test_layer_matches_float64_formula(ctx, lf, which):
     ck = _load(ctx, lf[which])
@@ -166,7 +138,7 @@ def test_layer_matches_float64_formula(ctx, lf, which):
     x = torch.randn(2, 300, 640, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = layer(x).double()
-    want = _reference_layer_f64(lw.tensors, x, layer.heads, basew)
+    want = layer_f64(lw.tensors, x, layer.heads, None if lw.has_projections else basew)
     err = ((got - want).abs().max() / want.abs().max()).item()
     print(f"max |fp32 layer - float64 formula| / max |output| = {err:.2e} ({which})")
     assert err < 1e-5, err
@@ -190,18 +162,118 @@ def _lora(unet, path):
 
 
 def test_lora_before_or_after_apply_gives_the_same_model(ctx, lf):
+    """A LoRA on attn1, attn2, a chunked feed-forward and a conv, through real sampling runs (the path on which
+    the LoRA's attn1 deltas are put on LinFusion's own projections)."""
     import comfy.sd
     unet, ck = ctx["unet"], _load(ctx, lf["single"])
     lora = _lora(unet, None)
-    x, c = _inputs(2)
-    lf_only = run_unet(ctx["patching"].apply_linfusion(unet, ck), x, c)
+    lf_only = _sample(ctx["patching"].apply_linfusion(unet, ck), seed=2)
     before, _ = comfy.sd.load_lora_for_models(unet, None, lora, 1.0, 0)
     before = ctx["patching"].apply_linfusion(before, ck)
     after, _ = comfy.sd.load_lora_for_models(ctx["patching"].apply_linfusion(unet, ck), None, lora, 1.0, 0)
-    ya, yb = run_unet(before, x, c), run_unet(after, x, c)
+    ya, yb = _sample(before, seed=2), _sample(after, seed=2)
     assert torch.allclose(ya, yb, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ya, lf_only, atol=1e-4)
-    assert torch.equal(run_unet(ctx["patching"].apply_linfusion(unet, ck), x, c), lf_only), "LoRA leaked"
+    assert torch.equal(_sample(ctx["patching"].apply_linfusion(unet, ck), seed=2), lf_only), "LoRA leaked"
+
+
+def _sample(m, seed=0, hw=8):
+    """One real sampling step through ComfyUI (KSampler's path: prepare_sampling, wrappers, load_models_gpu)."""
+    import comfy.sample
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.zeros(1, 4, hw, hw)
+    noise = torch.randn(1, 4, hw, hw, generator=g)
+    cond = [[torch.randn(1, 77, 768, generator=g), {}]]
+    return comfy.sample.sample(m, noise, 1, 1.0, "euler", "normal", cond, cond, latent, disable_pbar=True, seed=seed)
+
+
+ATTN1 = "input_blocks.4.1.transformer_blocks.0.attn1"  # 640 wide, LinFusion layer 2
+
+
+def _attn1_lora(scale=0.05):
+    """An attn1-only LoRA (ComfyUI's generic key format) on all four projections of one layer: {key: tensor},
+    and the float64 deltas it means at strength 1 ({projection weight name: delta})."""
+    g = torch.Generator().manual_seed(9)
+    sd, deltas = {}, {}
+    for p in ("to_q", "to_k", "to_v", "to_out.0"):
+        up, down = torch.randn(640, 4, generator=g) * scale, torch.randn(4, 640, generator=g) * scale
+        sd[f"diffusion_model.{ATTN1}.{p}.lora_up.weight"] = up
+        sd[f"diffusion_model.{ATTN1}.{p}.lora_down.weight"] = down
+        deltas[f"{p}.weight"] = up.double() @ down.double()
+    return sd, deltas
+
+
+@pytest.mark.parametrize("order", ["lora-then-apply", "apply-then-lora"])
+@pytest.mark.parametrize("which", ["single", "noproj"])
+def test_attn1_lora_reaches_the_attention_that_runs(ctx, lf, order, which):
+    """A LoRA's attn1 deltas reach the projections LinFusion runs (the file's own, or the base layer's), whether
+    the LoRA is loaded before or after Apply LinFusion: after a real sampling run, the layer equals the float64
+    formula with each delta added to the projections it uses."""
+    import comfy.model_management as mm
+    import comfy.sd
+    unet, ck = ctx["unet"], _load(ctx, lf[which])
+    lora, deltas = _attn1_lora()
+    strength = 0.7
+    mm.unload_all_models()  # the checkpoint's own weights, unpatched
+    names = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+    own = {n: unet.get_model_object(f"diffusion_model.{ATTN1}.{n}").detach().double().clone() for n in names}
+    own["to_out.0.bias"] = unet.get_model_object(f"diffusion_model.{ATTN1}.to_out.0.bias").detach().double().clone()
+    apply = ctx["patching"].apply_linfusion
+    if order == "lora-then-apply":
+        m = apply(comfy.sd.load_lora_for_models(unet, None, lora, strength, 0)[0], ck)
+    else:
+        m = comfy.sd.load_lora_for_models(apply(unet, ck), None, lora, strength, 0)[0]
+    _sample(m)  # ComfyUI loads and patches the weights as for any KSampler run; they stay loaded
+    layer = m.object_patches[f"diffusion_model.{ATTN1}"]
+    lw = ck.layers[2]
+    if lw.has_projections:
+        tensors = {k: (v.double() + strength * deltas[k] if k in deltas else v) for k, v in lw.tensors.items()}
+        basew = None
+    else:
+        tensors = lw.tensors
+        basew = tuple(own[n] + strength * deltas[n] for n in names) + (own["to_out.0.bias"],)
+    x = torch.randn(2, 300, 640, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = layer(x).double()
+    want = layer_f64(tensors, x, layer.heads, basew)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"LoRA ({order}, {which}): max |layer - float64 formula with deltas| / max |out| = {err:.2e}")
+    assert err < 1e-5, err
+    mm.unload_all_models()
+
+
+def test_attn1_lora_model_equals_file_with_deltas(ctx, lf, tmp_path):
+    """Through a real sampling step of the whole UNet: file + LoRA (either order) equals the same file with each
+    delta added to its own projections, within 1e-4."""
+    import comfy.model_management as mm
+    import comfy.sd
+    from safetensors.torch import load_file, save_file
+    unet = ctx["unet"]
+    mm.unload_all_models()
+    lora, deltas = _attn1_lora()
+    t = load_file(str(lf["single"]))
+    for k, d in deltas.items():
+        t[f"2.{k}"] = (t[f"2.{k}"].double() + d).to(t[f"2.{k}"].dtype)
+    save_file(t, str(tmp_path / "with-deltas.safetensors"))
+    apply = ctx["patching"].apply_linfusion
+    # the reference: the file with the deltas in it, no LoRA (the base projections do not run here)
+    ref = _sample(apply(unet, _load(ctx, tmp_path / "with-deltas.safetensors")))
+    for m in (apply(comfy.sd.load_lora_for_models(unet, None, lora, 1.0, 0)[0], _load(ctx, lf["single"])),
+              comfy.sd.load_lora_for_models(apply(unet, _load(ctx, lf["single"])), None, lora, 1.0, 0)[0]):
+        y = _sample(m)
+        assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    plain = _sample(apply(unet, _load(ctx, lf["single"])))
+    assert not torch.allclose(plain, ref, rtol=1e-4, atol=1e-4)  # the LoRA matters at this scale
+
+
+def test_attn1_patches_added_after_apply_are_reported_when_sampling(ctx, lf, caplog):
+    m = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"])).clone()
+    m.set_model_attn1_replace(lambda q, k, v, extra: v, "input", 1)
+    with caplog.at_level("WARNING", logger="LinFusion"):
+        _sample(m)
+    assert "attn1 replace patch" in caplog.text and "('input', 1" in caplog.text and "bypassed" in caplog.text
+    import comfy.model_management as mm
+    mm.unload_all_models()
 
 
 def test_other_packs_attention_hooks_still_run(ctx, lf):
@@ -311,3 +383,25 @@ def test_feed_forwards_are_chunked_exactly(ctx, lf):
         f.chunk_elements = 1 << 40
     whole = run_unet(patched, x, c)
     assert torch.allclose(chunked, whole, rtol=1e-5, atol=1e-5), (chunked - whole).abs().max()
+
+
+def test_one_definition_of_tokens(ctx, lf, pack):
+    """``softmax_below_tokens`` means the same in the layer and in the memory estimate: the levels the estimate
+    charges as softmax are exactly those whose layers ran softmax in a real UNet step, and it charges them."""
+    memory = pack.nodes.memory
+    thr = 300
+    m = ctx["patching"].apply_linfusion(ctx["unet"], _load(ctx, lf["single"]), softmax_below_tokens=thr)
+    seen = set()
+    for key, layer in m.object_patches.items():
+        if key.endswith(".attn1"):
+            def spy(x, *args, _base=layer._base, **kwargs):
+                seen.add(x.shape[1])
+                return _base(x, *args, **kwargs)
+            object.__setattr__(layer, "_base", spy)
+    x, c = _inputs(0, hw=32)  # 1024 latent px: the levels see 1024, 256, 64 and 16 tokens
+    run_unet(m, x, c)
+    levels = memory.MEASURED["SD15"]["attention_levels"]
+    assert seen and seen == set(memory.softmax_tokens(x.shape, thr, levels))
+    linear = memory.linear_estimate(list(x.shape), memory._dtype_size(m.model), memory.MEASURED["SD15"])
+    assert m.object_patches["memory_required"](list(x.shape)) > linear
+    assert memory.softmax_tokens(x.shape, 0, levels) == []
