@@ -113,7 +113,8 @@ FORMS = [
     ("bool-batch-heads-queries-keys", True, True, lambda k: k[:, :, None].expand(B, H, N, N)),
     ("inf-keys", False, False, lambda k: additive(k[0, 0], float("-inf"))),
     ("inf-batch-1-keys", True, False, lambda k: additive(k[:, 0], float("-inf"))[:, None]),
-    ("finfo-min-batch-1-1-keys", True, False, lambda k: additive(k[:, 0], torch.finfo(torch.float32).min)[:, None, None]),
+    ("finfo-min-batch-1-1-keys", True, False,
+     lambda k: additive(k[:, 0], torch.finfo(torch.float32).min)[:, None, None]),
     ("minus-1e4-batch-heads-queries-keys", True, True,
      lambda k: additive(k, -10000.0)[:, :, None].expand(B, H, N, N)),
     ("inf-fp16-batch-1-1-keys", True, False, lambda k: additive(k[:, 0], float("-inf")).half()[:, None, None]),
@@ -184,7 +185,7 @@ def test_few_kept_keys_in_half_precision(mods, dtype):
     with torch.no_grad():
         got = layer(x, mask=keep[:, 0])
     assert torch.isfinite(got).all()
-    assert rel_err(got, masked_reference(layer, x, keep)) < 3e-2
+    assert rel_err(got, masked_reference(layer, x, keep)) < 1e-2  # measured: 6e-4 fp16, 4e-3 bf16
 
 
 # ---------------------------------------------------------------------------------------------- other masks
