@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .attention import linear_attention
+from .masks import key_padding_keep, masked_linear_attention, warn_fallback_once
 
 
 def _mlp(dim, mid, ops, dtype, device) -> nn.Sequential:
@@ -63,7 +64,7 @@ class LinFusionAttention(nn.Module):
         object.__setattr__(self, "_base", base)
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options={}, **kwargs):
-        if mask is not None or x.shape[1] < self.softmax_below_tokens:
+        if runs_softmax(x.shape[1], self.softmax_below_tokens):
             return self._base(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
         lf = self.linfusion
         ctx = x if context is None else context
@@ -73,12 +74,21 @@ class LinFusionAttention(nn.Module):
             # context; ComfyUI's attention functions view k/v with the query batch size, so do the same.
             ctx = ctx.reshape(x.shape[0], -1, ctx.shape[-1])
             val = val.reshape(x.shape[0], -1, val.shape[-1])
+        keep = None
+        if mask is not None:  # key-padding masks run linear (masks.py); any other mask runs the base softmax
+            keep, reason = key_padding_keep(mask, x.shape[0], self.heads, x.shape[1], ctx.shape[1])
+            if keep is None:
+                warn_fallback_once(self, reason)
+                return self._base(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
         to_q, to_k, to_v, to_out = (lf.to_q, lf.to_k, lf.to_v, lf.to_out) if lf.own_projections else \
             (self.to_q, self.to_k, self.to_v, self.to_out)
         q = to_q(x + lf.to_q_(x))
         k = to_k(ctx + lf.to_k_(ctx))
         v = to_v(val)
-        out = linear_attention(q, k, v, self.heads)
+        if keep is None:
+            out = linear_attention(q, k, v, self.heads)
+        else:
+            out = masked_linear_attention(q, k, v, self.heads, keep)
         return to_out(out)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from harness.frontend import Frontend, chromium_path
 from harness.graphs import Graph, checkpoint, txt2img
 from harness.host import PromptError
 
-from test_workflows import WORKFLOWS, has_node, wf_inputs, workflow_family  # noqa: F401 (shared fixture)
+from harness.workflow_files import WORKFLOWS, has_node, wf_inputs, workflow_family  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(chromium_path() is None, reason="no chromium (python3 dev.py test installs it)")
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}

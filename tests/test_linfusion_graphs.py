@@ -173,13 +173,24 @@ def test_bad_inputs_fail_in_the_node_with_clear_messages(server, install_checkpo
     assert np.isfinite(_latent(server, server.run(g.prompt()))).all()
 
 
-def test_released_repo_offline_says_which_files_go_where(server, install_checkpoint, base_dir):
+def test_released_repo_offline_says_which_files_go_where(install_checkpoint, base_dir, tmp_path, monkeypatch):
+    """Offline for real, also where a network exists: a server of its own with HF_HUB_OFFLINE=1 and an empty
+    Hugging Face cache, so huggingface_hub never tries to download and the loader must explain."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
     ckpt = install_checkpoint("sd15")
     g = Graph()
     model, clip, vae = checkpoint(g, ckpt)
     txt2img(g, linfusion(g, model, "Yuanshi/LinFusion-1-5"), clip, vae, save_latent="latents/bad")
-    msg = _expect_error(server, g.prompt(), "Yuanshi/LinFusion-1-5", "config.json",
-                        "diffusion_pytorch_model.safetensors", str(base_dir / "models" / "linfusion" / "LinFusion-1-5"))
+    with default_server() as srv:
+        environ = Path(f"/proc/{srv.proc.pid}/environ")
+        if environ.exists():  # Linux: the setting reached the server process
+            assert b"HF_HUB_OFFLINE=1" in environ.read_bytes().split(b"\0")
+        msg = _expect_error(srv, g.prompt(), "Yuanshi/LinFusion-1-5", "config.json",
+                            "diffusion_pytorch_model.safetensors",
+                            str(base_dir / "models" / "linfusion" / "LinFusion-1-5"))
     leftovers = [p.name for p in (base_dir / "models" / "linfusion").iterdir() if p.name.startswith(".LinFusion")]
     assert leftovers == [], leftovers
     assert not (base_dir / "models" / "linfusion" / "LinFusion-1-5" / "config.json").exists(), msg

@@ -11,51 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from harness import linfusion_fixtures, runner
+from harness import runner
 from harness.frontend import Frontend, chromium_path
 from harness.host import default_server
+from harness.workflow_files import WORKFLOWS, wf_inputs, workflow_family  # noqa: F401 (wf_inputs: a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 FINAL_LONG_SIDE = 256
 
 needs_browser = pytest.mark.skipif(chromium_path() is None, reason="no chromium (python3 dev.py test installs it)")
-
-
-def workflow_family(wf: dict) -> str:
-    names = [str(v) for n in wf["nodes"] if n["type"] == "LinFusionLoader" for v in n.get("widgets_values", [])]
-    return "sdxl" if any("XL" in v for v in names) else "sd15"
-
-
-def has_node(wf: dict, type_: str) -> bool:
-    return any(n["type"] == type_ for n in wf["nodes"])
-
-
-@pytest.fixture(scope="session")
-def wf_inputs(base_dir, install_checkpoint):
-    """Installs what the workflows need on the host; returns pick(family) -> (ckpt_name, linfusion_name)."""
-    from PIL import Image
-    inp = base_dir / "input"
-    inp.mkdir(parents=True, exist_ok=True)
-    if not (inp / "example.png").exists():  # the LoadImage default of the upscale workflow
-        Image.linear_gradient("L").resize((96, 64)).convert("RGB").save(inp / "example.png")
-    if any(has_node(json.loads(p.read_text()), "ControlNetLoader") for p in WORKFLOWS):
-        try:
-            from harness.controlnet_fixtures import install_controlnet
-            install_controlnet(base_dir)
-        except ImportError:
-            pass
-    made = {}
-
-    def pick(family: str):
-        if family not in made:
-            name = f"tests-workflows/{family}"
-            dest = base_dir / "models" / "linfusion" / name
-            if not (dest / "diffusion_pytorch_model.safetensors").exists():
-                linfusion_fixtures.write(family, dest, layout="folder", seed=21)
-            made[family] = (install_checkpoint(family), f"{name}/diffusion_pytorch_model.safetensors")
-        return made[family]
-    return pick
 
 
 @pytest.fixture(scope="module")
