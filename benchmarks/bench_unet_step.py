@@ -28,24 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from harness.host import host_info  # noqa: E402
 from harness.peakmem import PeakRSS  # noqa: E402
-
-
-class CudaPeak:
-    def __init__(self, torch):
-        self.torch = torch
-
-    def __enter__(self):
-        self.torch.cuda.synchronize()
-        self.torch.cuda.reset_peak_memory_stats()
-        self.base = self.torch.cuda.memory_allocated()
-        return self
-
-    def __exit__(self, *exc):
-        self.torch.cuda.synchronize()
-        self.peak = self.torch.cuda.max_memory_allocated() - self.base
 
 
 def main(argv=None):
@@ -65,7 +51,6 @@ def main(argv=None):
     import torch
     import comfy.model_management as mm
     import comfy.sd
-    from comfy_extras import nodes_hypertile
     from harness import fixtures, linfusion_fixtures
     from harness.host import import_pack
 
@@ -78,50 +63,10 @@ def main(argv=None):
         linfusion_fixtures.write("sd15", lf_dir, layout="folder", seed=0)
     ck = pack.linfusion_core.checkpoint.load_checkpoint(lf_file)
 
-    class ZeroAttention(torch.nn.Module):
-        def forward(self, x, *a, **kw):
-            return torch.zeros_like(x)
-
-    def no_self_attn():
-        m = unet.clone()
-        for path in pack.nodes.patching.attn1_modules(unet):
-            m.add_object_patch(f"diffusion_model.{path}", ZeroAttention())
-        return m
-
-    class ProjectionsOnly(torch.nn.Module):
-        def __init__(self, base):
-            super().__init__()
-            self.to_q, self.to_k, self.to_v, self.to_out = base.to_q, base.to_k, base.to_v, base.to_out
-
-        def forward(self, x, *a, **kw):
-            self.to_q(x), self.to_k(x)
-            return self.to_out(self.to_v(x))
-
-    def projections_only():
-        m = unet.clone()
-        for path, base in pack.nodes.patching.attn1_modules(unet).items():
-            m.add_object_patch(f"diffusion_model.{path}", ProjectionsOnly(base))
-        return m
-
-    # linfusion-core-off: the layer module's linear_attention is looked up at call time; route it through a switch.
-    layer_mod = pack.linfusion_core.layer
-    real_attention = layer_mod.linear_attention
-    core_off = {"on": False}
-    layer_mod.linear_attention = lambda q, k, v, heads: v if core_off["on"] else real_attention(q, k, v, heads)
-
-    def hypertile():
-        out = nodes_hypertile.HyperTile.execute(unet, 256, 2, 0, False)
-        return out.result[0] if hasattr(out, "result") else out[0]
-
-    builders = {
-        "stock": lambda: unet,
-        "hypertile": hypertile,
-        "linfusion": lambda: pack.nodes.patching.apply_linfusion(unet, ck, 0),
-        "linfusion+thr": lambda: pack.nodes.patching.apply_linfusion(unet, ck, 4096),
-        "no-self-attn": no_self_attn,
-        "projections": projections_only,
-        "linfusion-core-off": lambda: pack.nodes.patching.apply_linfusion(unet, ck, 0),
-    }
+    import unet_variants
+    builders = unet_variants.builders(pack, unet, ck)
+    core_off = unet_variants.install_core_switch(pack) if "linfusion-core-off" in args.configs else {"on": False}
+    CudaPeak = unet_variants.CudaPeak
     quadratic = {"stock"}
     device = mm.get_torch_device()
     dtype = unet.model.get_dtype()
