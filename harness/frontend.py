@@ -40,7 +40,8 @@ _LOAD_JS = """async (wf) => {
   const nodes = app.graph.nodes.map(n => ({
     id: n.id, type: n.type, has_errors: !!n.has_errors,
     registered: !!LiteGraph.registered_node_types[n.type],
-    widgets: (n.widgets || []).map(w => [w.name, w.value]),
+    // the widgets a save writes (not the frontend's own, e.g. 1.49.6's image preview '$$canvas-image-preview')
+    widgets: (n.widgets || []).filter(w => w.serialize !== false).map(w => [w.name, w.value]),
   }));
   return {unregistered, nodes, errors: window.__lfErrors.slice(before)};
 }"""
@@ -153,7 +154,8 @@ _STATE_JS = """() => {
     nodes: app.graph.nodes.map(n => ({
       id: n.id, type: n.type, title: n.title, has_errors: !!n.has_errors,
       registered: !!LiteGraph.registered_node_types[n.type],
-      widgets: (n.widgets || []).map(w => [w.name, w.value === undefined ? null : w.value]),
+      widgets: (n.widgets || []).filter(w => w.serialize !== false)  // what a save writes
+        .map(w => [w.name, w.value === undefined ? null : w.value]),
     })),
     groups: app.graph.groups.map(g => g.title),
     links: [...(app.graph.links instanceof Map ? app.graph.links.values() : Object.values(app.graph.links || {}))]
