@@ -3,8 +3,11 @@
     LINFUSION_HOST_DIR=.host .host/venv/bin/python workflows/build.py
 
 Each graph below is assembled *inside* the frontend the host serves (nodes created by type, widgets set by name,
-links connected) and serialized by the frontend itself, so the files are byte-for-byte the UI format it saves
-and drags in. This script is a maintenance tool; the tests only read the .json files.
+links connected) and saved by the frontend's own Export command (Workflow > Export): each .json is the file that
+download holds, byte for byte. Nothing converts it on the way (an earlier version took ``graph.serialize()``
+through Playwright, which turns every property the frontend leaves undefined into ``None``, and so wrote
+``null`` for ``floatingLinks``, ``definitions``, ``extra.reroutes``, ``outputs[].slot_index``, ...: the
+frontend's schema check rejected every file). This script is a maintenance tool; the tests only read the files.
 """
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ sys.path.insert(0, str(HERE.parent))
 
 SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+SD15_TILE_CN = "control_v11f1e_sd15_tile.safetensors"
 COL = 420  # px between stage columns
+# The canvas view saved with each file (extra.ds), which the frontend restores on opening it: scale 1, the note
+# (x = -900) at the left edge of the window, so the first thing a user sees is the note, the loaders and stage 1.
+VIEW = {"scale": 1, "offset": [980, 60]}
 
 
 class Spec:
@@ -33,7 +40,7 @@ class Spec:
         self.groups.append(dict(title=title, pos=[x, y], size=[w, h], color=color))
 
     def as_dict(self):
-        return {"nodes": self.nodes, "groups": self.groups}
+        return {"nodes": self.nodes, "groups": self.groups, "view": VIEW}
 
 
 def _ksampler(steps, denoise, cfg, seed, sampler, scheduler):
@@ -41,39 +48,55 @@ def _ksampler(steps, denoise, cfg, seed, sampler, scheduler):
             "scheduler": scheduler, "denoise": denoise}
 
 
+ROWS = dict(scale=80, enc=260, ks=420, dec=720, out=860)                # y of each node row in a stage column
+ROWS_CN = dict(scale=80, enc=260, cn=420, ks=620, dec=960, out=1100)    # the same with a ControlNet row
+
+
 def chain(s: Spec, *, model, pos, neg, vae, first_image, stages, tiled_from, prefix, cfg, seed, sampler, scheduler,
-          x0, tile_encode, tile_decode):
+          x0, tile_encode, tile_decode, control_net=None, cn_strength=0.6, rows=ROWS, group_h=1000):
     """SDEdit stages: ImageScale (bicubic, exact size) -> VAE encode -> KSampler(steps, denoise) -> VAE decode.
-    stages: [(width, height, steps, denoise)]. Returns the key of the last decoded image."""
+    stages: [(width, height, steps, denoise)]. With ``control_net`` (a key, slot), every stage conditions the
+    sampler through ControlNetApplyAdvanced with the upscaled image as its hint (tile ControlNet).
+    Returns the key of the last decoded image."""
     img = first_image
     for i, (w, h, steps, denoise) in enumerate(stages):
         x = x0 + i * COL
         tiled = w * h >= tiled_from
         k = f"s{i}"
         s.group(f"Stage {i + 2}: {w}x{h}, denoise {denoise} ({steps} of {round(steps / denoise)} steps)"
-                f"{', tiled VAE' if tiled else ''}", x - 10, 40, COL - 20, 1000)
-        s.add(k + "scale", "ImageScale", (x, 80), {"upscale_method": "bicubic", "width": w, "height": h,
-                                                   "crop": "disabled"}, {"image": (img, 0)})
+                f"{', tile ControlNet' if control_net else ''}{', tiled VAE' if tiled else ''}", x - 10, 40, COL - 20,
+                group_h)
+        s.add(k + "scale", "ImageScale", (x, rows["scale"]), {"upscale_method": "bicubic", "width": w, "height": h,
+                                                              "crop": "disabled"}, {"image": (img, 0)})
         if tiled:
-            s.add(k + "enc", "VAEEncodeTiled", (x, 260), {"tile_size": tile_encode[0], "overlap": tile_encode[1],
-                                                         "temporal_size": 64, "temporal_overlap": 8},
+            s.add(k + "enc", "VAEEncodeTiled", (x, rows["enc"]), {"tile_size": tile_encode[0],
+                                                                   "overlap": tile_encode[1], "temporal_size": 64,
+                                                                   "temporal_overlap": 8},
                   {"pixels": (k + "scale", 0), "vae": vae})
         else:
-            s.add(k + "enc", "VAEEncode", (x, 260), {}, {"pixels": (k + "scale", 0), "vae": vae})
-        s.add(k + "ks", "KSampler", (x, 420), _ksampler(steps, denoise, cfg, seed, sampler, scheduler),
-              {"model": model, "positive": pos, "negative": neg, "latent_image": (k + "enc", 0)})
+            s.add(k + "enc", "VAEEncode", (x, rows["enc"]), {}, {"pixels": (k + "scale", 0), "vae": vae})
+        cond = {"positive": pos, "negative": neg}
+        if control_net:
+            s.add(k + "cn", "ControlNetApplyAdvanced", (x, rows["cn"]),
+                  {"strength": cn_strength, "start_percent": 0, "end_percent": 1},
+                  {"positive": pos, "negative": neg, "control_net": control_net, "image": (k + "scale", 0)},
+                  title="Apply ControlNet (tile)")
+            cond = {"positive": (k + "cn", 0), "negative": (k + "cn", 1)}
+        s.add(k + "ks", "KSampler", (x, rows["ks"]), _ksampler(steps, denoise, cfg, seed, sampler, scheduler),
+              {"model": model, **cond, "latent_image": (k + "enc", 0)})
         if tiled:
-            s.add(k + "dec", "VAEDecodeTiled", (x, 720), {"tile_size": tile_decode[0], "overlap": tile_decode[1],
-                                                         "temporal_size": 64, "temporal_overlap": 8},
+            s.add(k + "dec", "VAEDecodeTiled", (x, rows["dec"]), {"tile_size": tile_decode[0],
+                                                                   "overlap": tile_decode[1], "temporal_size": 64,
+                                                                   "temporal_overlap": 8},
                   {"samples": (k + "ks", 0), "vae": vae})
         else:
-            s.add(k + "dec", "VAEDecode", (x, 720), {}, {"samples": (k + "ks", 0), "vae": vae})
+            s.add(k + "dec", "VAEDecode", (x, rows["dec"]), {}, {"samples": (k + "ks", 0), "vae": vae})
         last = i == len(stages) - 1
         if last:
-            s.add(k + "out", "SaveImage", (x, 860), {"filename_prefix": prefix}, {"images": (k + "dec", 0)},
+            s.add(k + "out", "SaveImage", (x, rows["out"]), {"filename_prefix": prefix}, {"images": (k + "dec", 0)},
                   size=[320, 120])
         else:
-            s.add(k + "out", "PreviewImage", (x, 860), {}, {"images": (k + "dec", 0)}, size=[320, 120])
+            s.add(k + "out", "PreviewImage", (x, rows["out"]), {}, {"images": (k + "dec", 0)}, size=[320, 120])
         img = k + "dec"
     return img
 
@@ -113,6 +136,23 @@ Load Image -> fit to 1024x1024 (ImageScale, crop center) -> 2048x2048 (denoise 0
 **Strength.** denoise 0.3/0.2 adds detail while keeping your picture; raise it for more new detail, lower it for fidelity. Steps = denoise x 50 keeps a 50-step schedule (KSampler runs `steps` of `int(steps/denoise)`).
 
 **Prompt.** Describe the image; the prompt steers the new detail. LinFusion: `Yuanshi/LinFusion-1-5`, `softmax_below_tokens` 0 (every stage is above SD-1.5's training size). VAE tiled at every stage (1024 px tiles) since the input size is yours."""
+
+
+TILE_NOTE = """# LinFusion SD-1.5 + Tile ControlNet: text to 16384x8192
+
+The authors' SDEdit chain (1024x512 text-to-image, then 2x stages at 2048x1024 / 4096x2048 / 8192x4096 / 16384x8192 with **denoise 0.4 / 0.3 / 0.2 / 0.1**), with a **Tile ControlNet** at every upscale stage: it sees the upscaled image as its hint and keeps each stage's new detail faithful to the previous stage's picture.
+
+**ControlNet file.** `control_v11f1e_sd15_tile.safetensors` from `lllyasviel/ControlNet-v1-1` into `models/controlnet/` (the `.pth` works too; the diffusers `control_v11f1e_sd15_tile` folder's safetensors as well).
+
+**Apply LinFusion (ControlNet).** A ControlNet runs its own copy of the UNet encoder at the full latent size on every step; with only the UNet patched, that copy's softmax attention is the quadratic bottleneck at 8K-16K. This node gives the ControlNet's self-attention layers the LinFusion weights of the same UNet layers (the same `Yuanshi/LinFusion-1-5` file). The ControlNet from the loader is not changed, so a stock branch can share it.
+
+**Knobs.**
+- `strength` (0.6 here): how closely each stage follows the upscaled image. 0.4-1.0; lower gives the sampler more freedom, higher keeps the composition and colours locked.
+- `start_percent` / `end_percent` (0 / 1): when the ControlNet acts within each stage's steps; end 0.8 lets the last steps refine freely.
+- `steps` / `denoise`: KSampler runs `steps` of an `int(steps/denoise)`-step schedule, so 20/15/10/5 with 0.4/0.3/0.2/0.1 are "20/15/10/5 of 50", the authors' recipe. Keep steps/denoise = 50.
+- VAE: tiled encode/decode from the 4K stage on (2048 px tiles, 512 px overlap); lower tile_size if the VAE runs out of memory.
+
+**Memory.** The ControlNet's hint encoder runs convolutions at the full pixel size (linear in area, a few GB at 16K); the peak is the 16K stage (UNet + ControlNet). Plan for a GPU with ~40-80 GB at 16K. Intermediates are shown by Preview Image; only the final image is saved."""
 
 
 def sd15_16k() -> Spec:
@@ -168,6 +208,34 @@ def sdxl_16k() -> Spec:
     return s
 
 
+def sd15_tile_controlnet_16k() -> Spec:
+    s = Spec()
+    s.add("note", "MarkdownNote", (-900, 80), {"text": TILE_NOTE}, size=[440, 980])
+    s.add("ckpt", "CheckpointLoaderSimple", (-420, 80), {"ckpt_name": SD15_CKPT})
+    s.add("lfload", "LinFusionLoader", (-420, 260), {"linfusion_name": "Yuanshi/LinFusion-1-5"})
+    s.add("lf", "ApplyLinFusion", (-420, 380), {"softmax_below_tokens": 0},
+          {"model": ("ckpt", 0), "linfusion": ("lfload", 0)})
+    s.add("pos", "CLIPTextEncode", (-420, 540), {"text": "A photo of the Milky Way galaxy"}, {"clip": ("ckpt", 1)},
+          title="Prompt")
+    s.add("neg", "CLIPTextEncode", (-420, 780), {"text": ""}, {"clip": ("ckpt", 1)}, title="Negative prompt")
+    s.add("cnload", "ControlNetLoader", (-420, 1020), {"control_net_name": SD15_TILE_CN},
+          title="Load ControlNet (tile)")
+    s.add("cnlf", "ApplyLinFusionControlNet", (-420, 1140), {},
+          {"control_net": ("cnload", 0), "linfusion": ("lfload", 0)})
+    s.group("Stage 1: 1024x512 text to image (50 steps)", -10, 40, COL - 20, 1240, color="#8A8")
+    s.add("empty", "EmptyLatentImage", (0, 80), {"width": 1024, "height": 512, "batch_size": 1})
+    s.add("ks0", "KSampler", (0, 620), _ksampler(50, 1.0, 7.5, 3, "deis", "ddim_uniform"),
+          {"model": ("lf", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("empty", 0)})
+    s.add("dec0", "VAEDecode", (0, 960), {}, {"samples": ("ks0", 0), "vae": ("ckpt", 2)})
+    s.add("prev0", "PreviewImage", (0, 1100), {}, {"images": ("dec0", 0)}, size=[320, 120])
+    chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="dec0",
+          stages=[(2048, 1024, 20, 0.4), (4096, 2048, 15, 0.3), (8192, 4096, 10, 0.2), (16384, 8192, 5, 0.1)],
+          tiled_from=4096 * 2048, prefix="LinFusion_sd15_tile_16k", cfg=7.5, seed=3, sampler="deis",
+          scheduler="ddim_uniform", x0=COL, tile_encode=(2048, 512), tile_decode=(2048, 512),
+          control_net=("cnlf", 0), cn_strength=0.6, rows=ROWS_CN, group_h=1240)
+    return s
+
+
 def upscale_image() -> Spec:
     s = Spec()
     s.add("note", "MarkdownNote", (-900, 80), {"text": UPSCALE_NOTE}, size=[440, 700])
@@ -192,12 +260,18 @@ def upscale_image() -> Spec:
 
 WORKFLOWS = {
     "linfusion_sd15_16k": (sd15_16k, "SD-1.5 + LinFusion: text to 16384x8192",
-                           ["1024x512 txt2img, 50 steps", "2048x1024  denoise 0.4", "4096x2048  denoise 0.3 (tiled VAE)",
-                            "8192x4096  denoise 0.2 (tiled VAE)", "16384x8192 denoise 0.1 (tiled VAE)"]),
+                           ["1024x512 txt2img, 50 steps", "2048x1024  denoise 0.4",
+                            "4096x2048  denoise 0.3 (tiled VAE)", "8192x4096  denoise 0.2 (tiled VAE)",
+                            "16384x8192 denoise 0.1 (tiled VAE)"]),
     "linfusion_sdxl_16k": (sdxl_16k, "SD-XL + LinFusion: text to 16384x8192",
                            ["1024x512 base, 50 steps, stock attention", "2048x1024  denoise 0.32",
                             "4096x2048  denoise 0.24 (tiled VAE)", "8192x4096  denoise 0.16 (tiled VAE)",
                             "16384x8192 denoise 0.08 (tiled VAE)"]),
+    "linfusion_sd15_tile_controlnet_16k": (sd15_tile_controlnet_16k,
+                                           "SD-1.5 + LinFusion + Tile ControlNet: 16384x8192",
+                                           ["1024x512 txt2img, 50 steps", "2048x1024  denoise 0.4 + tile CN",
+                                            "4096x2048  denoise 0.3 + tile CN", "8192x4096  denoise 0.2 + tile CN",
+                                            "16384x8192 denoise 0.1 + tile CN"]),
     "linfusion_upscale_image": (upscale_image, "LinFusion: upscale your image in 2x stages",
                                 ["your image -> 1024x1024", "2048x2048  denoise 0.3", "4096x4096  denoise 0.2",
                                  "(add stages for 8K / 16K)"]),
@@ -234,12 +308,14 @@ def main() -> int:
     from harness.host import default_server
     names = sys.argv[1:] or list(WORKFLOWS)
     with default_server() as srv, Frontend(srv.url) as fe:
+        fe.close_dialogs()
+        print(f"frontend {fe.version}")
         for name in names:
             make, title, lines = WORKFLOWS[name]
-            wf = fe.build(make().as_dict())
-            (HERE / f"{name}.json").write_text(json.dumps(wf, indent=2) + "\n")
+            text = fe.build(make().as_dict(), name)  # the file the frontend's Export writes, unchanged
+            (HERE / f"{name}.json").write_text(text)
             preview(HERE / f"{name}.jpg", title, lines)
-            print(f"wrote workflows/{name}.json ({len(wf['nodes'])} nodes) and {name}.jpg")
+            print(f"wrote workflows/{name}.json ({len(json.loads(text)['nodes'])} nodes) and {name}.jpg")
     return 0
 
 
