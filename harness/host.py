@@ -1,11 +1,16 @@
 """Drive a real ComfyUI: start the server on a free loopback port, submit API-format prompts,
 collect their results, stop it by its pid.
 
+The server runs ComfyUI's main.py unmodified (through ``harness/comfy_main.py``, which records the pack's log
+records beside the console log), with its working directory, database and log files in the base directory, so
+nothing is written into the ComfyUI tree; a tree the harness does not own also gets ``PYTHONDONTWRITEBYTECODE``.
+
 Used by the tests and by the main job; runs inside the harness environment (see harness.env).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -68,6 +73,15 @@ class ComfyServer:
     port: int = 0
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    ready_at: float | None = None  # time.time() when the server first answered: records before it are start-up
+
+    @property
+    def records_path(self) -> Path | None:
+        return Path(self.log_path).with_suffix(".records.jsonl") if self.log_path else None
+
+    @property
+    def db_path(self) -> Path | None:
+        return Path(self.log_path).with_suffix(".db") if self.log_path else None
 
     @property
     def url(self) -> str:
@@ -77,14 +91,23 @@ class ComfyServer:
     def start(self, timeout: float = 300) -> "ComfyServer":
         self.port = self.port or free_port()
         self.log_path = self.log_path or Path(self.base_dir) / f"comfyui-{self.port}.log"
-        cmd = [self.python, str(Path(self.comfyui) / "main.py"), "--cpu", "--listen", "127.0.0.1",
+        self.ready_at = None
+        for p in (self.records_path, self.db_path):
+            p.unlink(missing_ok=True)
+        # Own database per server (the default one sits inside the ComfyUI tree, and 0.33+ locks it, so two
+        # servers on one tree would collide).
+        cmd = [self.python, str(Path(__file__).resolve().parent / "comfy_main.py"), str(self.records_path),
+               str(Path(self.comfyui) / "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", str(self.port), "--base-directory", str(self.base_dir), "--disable-auto-launch",
-               *self.extra_args]
+               "--database-url", f"sqlite:///{self.db_path}", *self.extra_args]
         child_env = dict(os.environ)
         child_env.pop("PYTHONPATH", None)  # the server sees the pack only as a custom node
         child_env["PYTHONUNBUFFERED"] = "1"  # the log is read while the server runs
+        if not env.owns_tree(self.comfyui):
+            child_env["PYTHONDONTWRITEBYTECODE"] = "1"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=str(self.comfyui), stdout=self._log, stderr=subprocess.STDOUT,
+        # cwd: the base dir, since newer ComfyUI writes comfyui_detail.log into the working directory.
+        self.proc = subprocess.Popen(cmd, cwd=str(self.base_dir), stdout=self._log, stderr=subprocess.STDOUT,
                                      env=child_env, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -92,6 +115,7 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
             try:
                 self.get("/system_stats", timeout=2)
+                self.ready_at = time.time()
                 return self
             except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
                 time.sleep(0.5)
@@ -108,6 +132,9 @@ class ComfyServer:
                 self.proc.wait()
         if getattr(self, "_log", None):
             self._log.close()
+        if self.db_path:
+            for suffix in ("", ".lock", ".bkp", "-journal", "-wal", "-shm"):
+                Path(f"{self.db_path}{suffix}").unlink(missing_ok=True)
 
     def __enter__(self):
         return self.start()
@@ -117,6 +144,25 @@ class ComfyServer:
 
     def log_text(self) -> str:
         return Path(self.log_path).read_text(errors="replace") if self.log_path and Path(self.log_path).exists() else ""
+
+    def log_records(self, min_level: int = logging.NOTSET, startup_only: bool = False) -> list[dict]:
+        """The pack's own log records (logger "LinFusion" and its children) so far, as dicts with name, level,
+        levelno, created and message; ``startup_only``: those emitted before the server first answered."""
+        path = self.records_path
+        if not path or not path.exists():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line still being written
+            if rec["levelno"] < min_level:
+                continue
+            if startup_only and self.ready_at is not None and rec["created"] > self.ready_at:
+                continue
+            out.append(rec)
+        return out
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])

@@ -1,5 +1,10 @@
 """Shared fixtures: the real ComfyUI host (a server started with this pack as a custom node), generated
-checkpoints placed in its models/ folders, and in-process access to ComfyUI's own modules."""
+checkpoints placed in its models/ folders, and in-process access to ComfyUI's own modules.
+
+Marker ``server`` (pytest.ini): the tests that run on the ComfyUI host, i.e. start a ComfyUI server or load/sample
+a model through ComfyUI's modules. Every test that uses one of HOST_FIXTURES gets it here; a test that starts a
+server some other way carries ``@pytest.mark.server`` itself. ``.ci/run`` runs ``-m server`` on each further host.
+"""
 from __future__ import annotations
 
 import os
@@ -17,9 +22,23 @@ from harness import env, fixtures  # noqa: E402
 from harness.host import default_server, host_info, import_pack  # noqa: E402
 
 
+# Fixtures that put a test on the ComfyUI host (directly or through each other).
+HOST_FIXTURES = {"host", "base_dir", "install_checkpoint", "server", "comfy_inproc", "pack"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HOST_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.fixture(scope="session")
 def host() -> dict:
-    return host_info()
+    info = host_info()
+    if info.get("fixtures"):  # hosts share one checkpoint cache (dev.py sets this too; tests started by hand)
+        os.environ.setdefault("LINFUSION_FIXTURES_DIR", info["fixtures"])
+    return info
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +80,8 @@ def server(host):
 @pytest.fixture(scope="session")
 def comfy_inproc(host):
     """ComfyUI's modules imported into the test process (CPU), for tests below the graph level."""
+    if not env.owns_tree(host["comfyui"]):
+        sys.dont_write_bytecode = True  # never write __pycache__ into a ComfyUI tree we only read
     if host["comfyui"] not in sys.path:
         sys.path.insert(0, host["comfyui"])
     from comfy.cli_args import args

@@ -2,29 +2,76 @@
 runs end to end on a generated SD-1.5 checkpoint, and the core needs no ComfyUI."""
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
 
-from harness.graphs import Graph, checkpoint, txt2img
+from harness import linfusion_fixtures
+from harness.graphs import Graph, checkpoint, linfusion, txt2img
 from harness.host import ComfyServer
 
 REPO = Path(__file__).resolve().parent.parent
 OUR_NODES = {"LinFusionLoader", "ApplyLinFusion"}
 
 
-def _pack_log_problems(log: str) -> list:
-    """Lines of a ComfyUI log that report trouble with this pack."""
-    bad = []
-    lines = log.splitlines()
-    for i, line in enumerate(lines):
+def _pack_log_problems(srv) -> list:
+    """Trouble with this pack while ComfyUI loaded it: the pack's own log records (logger "LinFusion") at WARNING or
+    above emitted during start-up, and ComfyUI's report that importing the pack failed. Records, not console text:
+    the console format differs between hosts (newer ComfyUI prefixes every line with a coloured ``[WARNING]`` etc.,
+    also its own notes that merely name the pack's folder)."""
+    bad = [f"{r['name']} {r['level']}: {r['message']}"
+           for r in srv.log_records(min_level=logging.WARNING, startup_only=True)]
+    for line in srv.log_text().splitlines():
         low = line.lower()
-        mentions_us = "linfusion" in low
-        if mentions_us and ("import failed" in low or "traceback" in low or "error" in low or "warning" in low
-                            or "cannot import" in low):
+        if "linfusion" in low and ("import failed" in low or "cannot import" in low):
             bad.append(line)
     return bad
+
+
+def test_record_tap_runs_main_py_as_python_would(tmp_path):
+    """harness/comfy_main.py (how the harness starts ComfyUI): main.py runs as __main__ with its own folder first on
+    sys.path and its own argv, and exactly the "LinFusion" logger's records (children included) reach the file."""
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    (comfy / "main.py").write_text(
+        "import logging, os, sys\n"
+        "logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(message)s')\n"
+        "assert __name__ == '__main__' and os.path.samefile(sys.path[0], os.path.dirname(__file__)), sys.path[0]\n"
+        "assert sys.argv[1:] == ['--port', '1'], sys.argv\n"
+        "assert not any(p.rstrip('/').endswith('harness') for p in sys.path), sys.path\n"
+        "logging.getLogger('LinFusion').warning('LinFusion: careful %d', 1)\n"
+        "logging.getLogger('LinFusion.sub').info('LinFusion: child')\n"
+        "logging.getLogger('other').warning('LinFusion named in someone else\\'s record')\n"
+        "logging.warning('root')\n")
+    records = tmp_path / "rec.jsonl"
+    out = subprocess.run([sys.executable, str(REPO / "harness" / "comfy_main.py"), str(records), str(comfy / "main.py"),
+                          "--port", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "[WARNING] LinFusion: careful 1" in out.stderr  # the console output is untouched
+    recs = [json.loads(l) for l in records.read_text().splitlines()]
+    assert [(r["name"], r["level"], r["message"]) for r in recs] == [
+        ("LinFusion", "WARNING", "LinFusion: careful 1"), ("LinFusion.sub", "INFO", "LinFusion: child")]
+
+
+def test_pack_records_are_seen_on_this_host(server, install_checkpoint):
+    """The tap works in the real server: Apply LinFusion's INFO record arrives by logger name and level, after
+    start-up (so the start-up check above saw a live tap, and runtime records do not count as load problems)."""
+    base = Path(server.base_dir)
+    linfusion_fixtures.write("sd15", base / "models" / "linfusion" / "tests-foundation" / "sd15.safetensors",
+                             layout="file", seed=3)
+    g = Graph()
+    model, clip, vae = checkpoint(g, install_checkpoint("sd15"))
+    txt2img(g, linfusion(g, model, "tests-foundation/sd15.safetensors"), clip, steps=1,
+            save_latent="latents/foundation_tap")
+    server.run(g.prompt())
+    applied = [r for r in server.log_records() if "sd15.safetensors -> 16 self-attention layers" in r["message"]]
+    assert applied and applied[-1]["name"] == "LinFusion" and applied[-1]["level"] == "INFO", server.log_records()
+    assert applied[-1]["created"] > server.ready_at
+    assert not any("sd15.safetensors" in r["message"] for r in server.log_records(startup_only=True))
 
 
 def test_core_imports_without_comfyui(host):
@@ -46,7 +93,7 @@ def test_pack_loads_without_errors(server):
     imported = [l for l in log.splitlines() if "seconds" in l and "ComfyUI-LinFusion" in l]
     assert imported, "the pack is not in ComfyUI's custom node import list:\n" + server.log_tail()
     assert not any("IMPORT FAILED" in l for l in imported), imported
-    assert _pack_log_problems(log) == [], _pack_log_problems(log)
+    assert _pack_log_problems(server) == [], _pack_log_problems(server)
 
 
 def test_object_info_lists_our_nodes(server):
@@ -87,4 +134,4 @@ def test_pack_installs_from_git_clone(host, tmp_path):
         info = srv.object_info()
         assert OUR_NODES <= set(info)
         assert str(dest) in srv.log_text()
-        assert _pack_log_problems(srv.log_text()) == []
+        assert _pack_log_problems(srv) == []
