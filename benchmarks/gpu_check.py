@@ -899,7 +899,9 @@ def child_prepare(spec: dict, rec: Record) -> None:
     if not ckpt.exists():
         t = time.perf_counter()
         tmp = ckpt.with_suffix(".partial")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), spec["comfyui"]]))
+        # keep the caller's PYTHONPATH: on the GPU machine the carried wheels are found through it
+        paths = (str(REPO), spec["comfyui"], os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
         subprocess.run([sys.executable, "-m", "harness.fixtures", "sd15", str(tmp)], check=True, env=env,
                        cwd=str(REPO))
         os.replace(tmp, ckpt)
