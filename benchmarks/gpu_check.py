@@ -75,8 +75,8 @@ PROMPT_ID = "linfusion-gpu-check"
 
 # Peak HBM bandwidth by card name (NVIDIA datasheets). First match wins, so the specific names come first.
 PEAK_BANDWIDTH = [
-    (("H200",), 4.8e12, "NVIDIA H200 (141 GB HBM3e): 4.8 TB/s, datasheet"),
     (("GH200",), 4.0e12, "NVIDIA GH200 (96 GB HBM3): 4.0 TB/s, datasheet"),
+    (("H200",), 4.8e12, "NVIDIA H200 (141 GB HBM3e): 4.8 TB/s, datasheet"),
     (("H100", "NVL"), 3.9e12, "NVIDIA H100 NVL: 3.9 TB/s, datasheet"),
     (("H100", "PCIE"), 2.0e12, "NVIDIA H100 PCIe: 2.0 TB/s, datasheet"),
     (("H100",), 3.35e12, "NVIDIA H100 SXM (80 GB HBM3): 3.35 TB/s, datasheet (an H100 that is neither PCIe nor NVL "
@@ -117,7 +117,9 @@ DRY_CONFIG = {
              "stock_max_latent_px": None, "max_reps": 1, "target_s": 0.0, "warmup": False},
     "chain": {"stages": 2, "steps": 1, "scale": 1 / 16},
     "shares": {"attention": 0.25, "unet": 0.4},
-    "budget": 600.0,
+    # Generous: on a shared 2-core machine one tiny UNet call can take minutes when memory is short; the time
+    # guards themselves are tested apart (tests/test_gpu_check.py).
+    "budget": 1500.0,
 }
 
 
@@ -260,8 +262,9 @@ def max_rel_diff(a, b, torch, chunk: int = 1 << 18) -> tuple[float, float]:
     """(max |a - b|, max |b|) over (B, N, C) tensors, in token chunks (no full-size temporaries)."""
     diff, scale = 0.0, 0.0
     for s in range(0, a.shape[1], chunk):
-        x = a[:, s:s + chunk].double() if a.dtype == torch.float64 else a[:, s:s + chunk].float()
-        y = b[:, s:s + chunk].to(x.dtype)
+        wide = torch.float64 if b.dtype == torch.float64 else torch.float32  # the fp64 reference stays fp64
+        x = a[:, s:s + chunk].to(wide)
+        y = b[:, s:s + chunk].to(wide)
         diff = max(diff, (x - y).abs().max().item())
         scale = max(scale, y.abs().max().item())
     return diff, scale
@@ -376,8 +379,13 @@ def child_attention(spec: dict, rec: Record) -> None:
                     broken[(impl, dname)] = row["error"]
                     log(f"attention {impl} {dname} N={N}: {row['error']}")
                     if cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
+                        try:
+                            torch.cuda.synchronize()
+                            torch.cuda.empty_cache()
+                        except Exception as e2:  # a sticky CUDA error: nothing more can run in this process
+                            rec.row(row)
+                            rec.note(f"CUDA unusable after that error ({first_line(e2)}); section stopped")
+                            return
                 rec.row(row)
             del q, k, v, ref, outs
             if cuda:
@@ -409,8 +417,14 @@ def import_comfy(spec: dict, extra_args: list | None = None):
 
 
 def comfy_env(spec: dict) -> dict:
-    return {"comfyui": spec["comfyui"], "comfyui_version": comfyui_version(Path(spec["comfyui"])),
-            "comfy_aimdo": dist_version("comfy-aimdo"), "comfy_kitchen": dist_version("comfy-kitchen")}
+    env = {"comfyui": spec["comfyui"], "comfyui_version": comfyui_version(Path(spec["comfyui"])),
+           "comfy_aimdo": dist_version("comfy-aimdo"), "comfy_kitchen": dist_version("comfy-kitchen")}
+    try:  # the attention ComfyUI picked for the stock model (sdpa, xformers, split, ...)
+        import comfy.ldm.modules.attention as cattn
+        env["comfy_attention"] = getattr(cattn.optimized_attention, "__name__", str(cattn.optimized_attention))
+    except Exception as e:
+        env["comfy_attention"] = f"unknown ({first_line(e)})"
+    return env
 
 
 # ================================================================================================ unet section
@@ -899,9 +913,11 @@ def child_prepare(spec: dict, rec: Record) -> None:
     if not ckpt.exists():
         t = time.perf_counter()
         tmp = ckpt.with_suffix(".partial")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), spec["comfyui"]]))
-        subprocess.run([sys.executable, "-m", "harness.fixtures", "sd15", str(tmp)], check=True, env=env,
-                       cwd=str(REPO))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO), spec["comfyui"], os.environ.get("PYTHONPATH", "")) if p))
+        # harness.fixtures' own entry point, through this script so that --emulate-gpu-image applies there too
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--make-fixture", "sd15", str(tmp)],
+                       check=True, env=env, cwd=str(REPO))
         os.replace(tmp, ckpt)
         rec.note(f"generated {ckpt.name} ({ckpt.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s")
     else:
@@ -966,6 +982,13 @@ CHILDREN = {"attention": child_attention, "unet": child_unet, "chain": child_cha
 
 
 def child_main(section: str, spec_path: Path, out: Path) -> int:
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for the stacks before a kill
+    if os.environ.get("GPU_CHECK_STACKS"):  # debugging: every thread's stack every N seconds
+        faulthandler.dump_traceback_later(float(os.environ["GPU_CHECK_STACKS"]), repeat=True)
+    if section in ("unet", "chain"):  # ComfyUI's own INFO lines (model loads, DynamicVRAM) go into the log
+        import logging
+        logging.basicConfig(level=logging.INFO, format="  [comfy] %(levelname)s %(message)s")
     spec = json.loads(Path(spec_path).read_text())
     rec = Record(out, section)
     if str(REPO) not in sys.path:
@@ -1008,7 +1031,12 @@ class Child:
             self.proc.wait(timeout=max(1.0, until - time.time()))
         except subprocess.TimeoutExpired:
             self.killed = f"killed at its time limit after {time.time() - self.t0:.0f} s"
-            log(f"{self.section}: {self.killed}")
+            log(f"{self.section}: {self.killed}; its threads' stacks:")
+            try:
+                os.kill(self.proc.pid, signal.SIGUSR1)
+                time.sleep(2)
+            except ProcessLookupError:
+                pass
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(self.proc.pid, sig)
@@ -1092,9 +1120,17 @@ def main(argv=None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--make-fixture", nargs=2, metavar=("NAME", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child_main(args.child, args.spec, args.out)
+    if args.make_fixture:  # harness.fixtures.build in this process (run by the prepare section)
+        if os.environ.get("GPU_CHECK_EMULATE_GPU_IMAGE") == "1":
+            install_import_blocker()
+        sys.path.insert(0, str(REPO))
+        from harness import fixtures
+        fixtures.build(args.make_fixture[0], Path(args.make_fixture[1]))
+        return 0
 
     t_start = time.time()
     config = json.loads(json.dumps(DRY_CONFIG if args.dry else GPU_CONFIG))
@@ -1240,7 +1276,8 @@ def markdown(rep: dict) -> str:
         env = u.get("env", {})
         L += ["## One SD-1.5 UNet step", "",
               f"batch {(u.get('rows') or [{}])[0].get('batch', '?')}, {env.get('unet_dtype', '?')}, "
-              f"{env.get('model_management', '')}; status {u.get('status')}. Peak: "
+              f"{env.get('model_management', '')}, ComfyUI attention `{env.get('comfy_attention')}`, allocator "
+              f"{env.get('allocator')}; status {u.get('status')}. Peak: "
               f"{(u.get('rows') or [{}])[0].get('memory_method', '')}.", "",
               "| image | latent | config | time | vs floor | peak memory | ComfyUI formula | estimate |",
               "|---|---|---|---|---|---|---|---|"]
@@ -1266,7 +1303,10 @@ def markdown(rep: dict) -> str:
               f"{env.get('model_management', '?')}; run {c.get('run_status', c.get('status'))} in "
               f"{c.get('seconds', 0):.1f} s (set-up {c.get('setup_seconds', 0):.1f} s). Steps per stage cut to "
               f"{rep['config']['chain']['steps']} (denoise kept), stages 1–{rep['config']['chain']['stages']}, "
-              f"size ×{rep['config']['chain']['scale']:g}.", ""]
+              f"size ×{rep['config']['chain']['scale']:g}. Allocator {env.get('allocator')}; ComfyUI attention "
+              f"`{env.get('comfy_attention')}`" + ("; comfy-kitchen without its compiled CUDA extension (trimmed to "
+                                                   "travel)" if env.get("comfy_kitchen_cuda_extension") is False
+                                                   else "") + ".", ""]
         if c.get("error"):
             L += [f"Error: `{c['error'][:500]}`", ""]
         L += ["| stage | size | time | sampler steps (s each) | peak allocated | peak device use | peak RSS |",
