@@ -317,7 +317,7 @@ def child_attention(spec: dict, rec: Record) -> None:
                 if impl == "triton" and (dname not in compiled):
                     pred += 5.0 if cuda else 0.0
             left = deadline - time.time()
-            if pred > left:
+            if pred > left or left <= 0:
                 rec.skip(f"N={N} {dname} ({', '.join(todo)})", f"predicted {pred:.0f} s > {left:.0f} s left")
                 continue
             try:
@@ -434,6 +434,8 @@ def unet_skip_reason(name: str, latent_px: int, formula: float, total_mem: float
     the input; ``total_mem``: the card's memory (None on the CPU); ``last``: (latent px, seconds) of this config at
     the previous size; ``left``: seconds left in the section. Stock attention is extrapolated quadratically in the
     latent area, everything else linearly, with a 30 % margin."""
+    if left <= 0:
+        return "the section's time is spent"
     if name == "stock":
         if stock_max_latent_px and latent_px > stock_max_latent_px:
             return f"stock limited to {stock_max_latent_px} latent px in this configuration"
@@ -728,6 +730,8 @@ class ExecutionProbe:
                 r["max_memory_allocated_error"] = first_line(e)
             r["device_used_peak"] = max(self._dev_peak, self._read())
         r["seconds"] = round(now - r.pop("_t0"), 4)
+        if self.interrupted_for_time:  # ran into (or started after) the interrupt: cut short
+            r["interrupted"] = True
         r["rss_peak"] = proc_status("VmHWM")
         prog = r.get("progress") or []
         if prog:  # seconds of each sampling step (the first includes the node's own set-up: model load, patching)
@@ -887,6 +891,8 @@ def aggregate_stages(node_recs: list, prompt: dict) -> list:
                                 "device_used_peak": None, "rss_peak": 0})
         a["seconds"] = round(a["seconds"] + r.get("seconds", 0.0), 4)
         a["nodes"].append(r["class_type"])
+        if r.get("interrupted"):
+            a["cut_short"] = True
         for key in ("max_memory_allocated", "device_used_peak"):
             if r.get(key) is not None:
                 a[key] = max(a[key] or 0, r[key])
@@ -1026,10 +1032,30 @@ class Child:
                                      else None)
         self.killed = None
 
-    def wait(self, until: float) -> dict:
+    def read(self) -> dict:
         try:
-            self.proc.wait(timeout=max(1.0, until - time.time()))
-        except subprocess.TimeoutExpired:
+            data = json.loads(self.out.read_text())
+        except (OSError, ValueError):
+            running = self.proc.poll() is None
+            data = {"section": self.section, "status": "running" if running else "error", "rows": [], "notes": [],
+                    "skipped": [], "error": None if running else f"no results (exit code {self.proc.returncode})"}
+        if "nodes" in data and "stages" not in data:  # a chain cut short: stages from the nodes it finished
+            data["stages"] = aggregate_stages(data["nodes"], data.get("prompt", {}))
+        data["wall_seconds"] = round(time.time() - self.t0, 2)
+        return data
+
+    def wait(self, until: float, tick=None, every: float = 15.0) -> dict:
+        """Wait for the section until ``until`` (then its stacks are printed and it is killed); ``tick(data)`` is
+        called with what it has recorded so far every ``every`` seconds."""
+        while True:
+            try:
+                self.proc.wait(timeout=max(0.1, min(every, until - time.time())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.time() < until:
+                    if tick:
+                        tick(self.read())
+                    continue
             self.killed = f"killed at its time limit after {time.time() - self.t0:.0f} s"
             log(f"{self.section}: {self.killed}; its threads' stacks:")
             try:
@@ -1047,14 +1073,10 @@ class Child:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+            break
         if self._log:
             self._log.close()
-        try:
-            data = json.loads(self.out.read_text())
-        except (OSError, ValueError):
-            data = {"section": self.section, "status": "error", "rows": [], "notes": [], "skipped": [],
-                    "error": f"no results (exit code {self.proc.returncode})"}
-        data["wall_seconds"] = round(time.time() - self.t0, 2)
+        data = self.read()
         data["exit_code"] = self.proc.returncode
         if self.killed:
             data["status"] = "killed"
@@ -1171,6 +1193,7 @@ def main(argv=None) -> int:
         report["sections"]["attention"] = Child(
             "attention", dict(common, cfg=config["attention"], deadline=share("attention")), work,
             child_env(args.dry, comfyui, "attention", args.emulate_gpu_image)).wait(share("attention") + 15)
+        write_report(report, args, t_start)
     models = {}
     if prep is not None:
         p = prep.wait(deadline - 60 if not args.dry else deadline)
@@ -1197,12 +1220,18 @@ def main(argv=None) -> int:
             report["sections"]["unet"] = Child(
                 "unet", dict(common, **models, cfg=config["unet"], deadline=until), work,
                 child_env(args.dry, comfyui, "unet", args.emulate_gpu_image)).wait(until + 20)
+            write_report(report, args, t_start)
         else:
             until = deadline - 10
             spec = dict(common, **models, cfg=config["chain"], deadline=until - 15, classic=args.classic)
+
+            def tick(data, key="chain"):  # the chain's progress reaches $OUT even if the device call is cut off
+                report["sections"][key] = data
+                write_report(report, args, t_start)
             res = Child("chain", spec, work,
-                        child_env(args.dry, comfyui, "chain", args.emulate_gpu_image)).wait(until)
+                        child_env(args.dry, comfyui, "chain", args.emulate_gpu_image)).wait(until, tick)
             report["sections"]["chain"] = res
+            write_report(report, args, t_start)
             dyn = res.get("env", {}).get("dynamic_vram")
             if res.get("run_status") not in ("success", "interrupted (time budget)") and dyn and \
                     deadline - time.time() > 60:
@@ -1211,22 +1240,35 @@ def main(argv=None) -> int:
                 spec = dict(spec, classic=True, tag="-classic", deadline=deadline - 25)
                 report["sections"]["chain_classic"] = Child(
                     "chain", spec, work, child_env(args.dry, comfyui, "chain", args.emulate_gpu_image)
-                ).wait(deadline - 10)
+                ).wait(deadline - 10, lambda d: tick(d, "chain_classic"))
+    paths = write_report(report, args, t_start, final=True)
+    log(f"wrote {paths[0]} and .md in {report['seconds']:.0f} s")
+    return 0
+
+
+def write_report(report: dict, args, t_start: float, final: bool = False) -> tuple:
+    """Write the report: gpu_check_partial*.json/.md after each section (what a run cut off at the device's time
+    limit still brings back), the named files at the end (and the partial ones removed)."""
     report["seconds"] = round(time.time() - t_start, 1)
     env = next((s.get("env") for s in report["sections"].values() if s.get("env", {}).get("device")), {}) or {}
     report["device"] = env.get("device")
     report["torch"] = env.get("torch")
     report["triton"] = env.get("triton")
-    if args.dry:
-        stem = "gpu_check_cpu-dry-run"
-    else:
-        stem = f"gpu_check_{slug(report['device'] or 'unknown-device')}"
-    stem += args.tag
+    report["complete"] = final
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(args.out_dir / f"{stem}.json", report)
-    (args.out_dir / f"{stem}.md").write_text(markdown(report))
-    log(f"wrote {args.out_dir / (stem + '.json')} and .md in {report['seconds']:.0f} s")
-    return 0
+    partial = args.out_dir / f"gpu_check_partial{args.tag}"
+    if not final:
+        stem = partial
+    elif args.dry:
+        stem = args.out_dir / f"gpu_check_cpu-dry-run{args.tag}"
+    else:
+        stem = args.out_dir / f"gpu_check_{slug(report['device'] or 'unknown-device')}{args.tag}"
+    write_json(stem.with_name(stem.name + ".json"), report)
+    stem.with_name(stem.name + ".md").write_text(markdown(report))
+    if final:
+        for ext in (".json", ".md"):
+            partial.with_name(partial.name + ext).unlink(missing_ok=True)
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
 
 
 # ================================================================================================ markdown
@@ -1244,6 +1286,8 @@ def _e(x):
 
 def markdown(rep: dict) -> str:
     L = [f"# LinFusion GPU check: {rep.get('device') or '?'} ({rep['mode']})", ""]
+    if not rep.get("complete", True):
+        L += ["**Partial report**: written after a section; the run had not finished (or was cut off) then.", ""]
     if rep["mode"] != "GPU":
         L += ["**CPU dry run at tiny sizes.** It checks that every part of the GPU check runs; the numbers are CPU "
               "numbers and say nothing about a GPU.", ""]
@@ -1254,7 +1298,7 @@ def markdown(rep: dict) -> str:
     L.append("")
     secs = rep["sections"]
     a = secs.get("attention")
-    if a:
+    if a and a.get("status") != "not run":
         env = a.get("env", {})
         L += ["## Attention op (linfusion_core.attention)", "",
               f"{env.get('shape', '')}; status {a.get('status')}; peak bandwidth: "
@@ -1272,7 +1316,7 @@ def markdown(rep: dict) -> str:
                      f"{_e(r.get('rel_err'))} | {_e(r.get('rel_diff_vs_torch'))} | {r.get('reps')} |")
         L += _skips(a)
     u = secs.get("unet")
-    if u:
+    if u and u.get("status") != "not run":
         env = u.get("env", {})
         L += ["## One SD-1.5 UNet step", "",
               f"batch {(u.get('rows') or [{}])[0].get('batch', '?')}, {env.get('unet_dtype', '?')}, "
@@ -1296,7 +1340,7 @@ def markdown(rep: dict) -> str:
         L += _skips(u)
     for key in ("chain", "chain_classic"):
         c = secs.get(key)
-        if not c:
+        if not c or c.get("status") == "not run":
             continue
         env = c.get("env", {})
         L += [f"## SD-1.5 16K chain ({key})", "",
@@ -1315,7 +1359,8 @@ def markdown(rep: dict) -> str:
             smp = s.get("sampler") or {}
             steps = ", ".join(f"{x:.2f}" for x in (smp.get("step_seconds") or []))
             size = "×".join(str(v) for v in s.get("size", [])) or "–"
-            L.append(f"| {s['stage'][:48]} | {size} | {s['seconds']:.2f} s | {steps or '–'} | "
+            cut = " (cut short)" if s.get("cut_short") else ""
+            L.append(f"| {s['stage'][:48]}{cut} | {size} | {s['seconds']:.2f} s | {steps or '–'} | "
                      f"{_gib(s.get('max_memory_allocated'))} | {_gib(s.get('device_used_peak'))} | "
                      f"{_gib(s.get('rss_peak'))} |")
         L += _skips(c)
