@@ -105,7 +105,7 @@ GPU_CONFIG = {
              "configs": ["stock", "linfusion", "no-self-attn"], "stock_max_latent_px": None, "max_reps": 3,
              "target_s": 1.5, "warmup": True},
     "chain": {"stages": 5, "steps": 2, "scale": 1.0},
-    "shares": {"attention": 0.2, "unet": 0.33},
+    "shares": {"attention": 0.15, "unet": 0.25},  # at most; the chain (slowest, 16K) gets the rest
     "budget": 480.0,
 }
 DRY_CONFIG = {
@@ -357,6 +357,9 @@ def child_attention(spec: dict, rec: Record) -> None:
                     if impl != "torch" and "torch" in outs:
                         d, s = max_rel_diff(out, outs["torch"], torch)
                         row["rel_diff_vs_torch"] = d / max(s, 1e-30)
+                    if impl == "torch" and "triton" in todo:
+                        outs["torch"] = out  # kept to compare the Triton output against, above the fp64 limit
+                    del out  # free before the timed calls (4.2 M fp32 tokens: 10.7 GB per tensor)
                     for _ in range(cfg["warmup"]):
                         fn(q, k, v, H)
                     med, mn, reps = time_calls(lambda: fn(q, k, v, H), torch, cuda, cfg["min_reps"],
@@ -365,9 +368,6 @@ def child_attention(spec: dict, rec: Record) -> None:
                                bytes_per_s=nbytes / med)
                     row["hbm_fraction"] = (nbytes / med) / peak if peak else None
                     last[impl] = (N, med)
-                    if impl == "torch" and "triton" in todo:
-                        outs["torch"] = out
-                    del out
                     log(f"attention {impl:6s} {dname:8s} N={N:>8d}: {med * 1e3:9.3f} ms  "
                         f"{nbytes / med / 1e9:8.1f} GB/s" + (f" ({row['hbm_fraction'] * 100:5.1f}% of peak)"
                                                               if peak else "")
@@ -396,7 +396,9 @@ def child_attention(spec: dict, rec: Record) -> None:
 def comfy_argv(spec: dict, extra: list | None = None) -> list:
     argv = ["main.py", "--base-directory", spec["base"]]
     if spec["dry"]:
-        argv.append("--cpu")
+        # --fp16-unet: the UNet's weights stay fp16 (computed in fp32 by ComfyUI's manual cast on the CPU), half
+        # the memory of fp32 weights; the dry run has to live beside other work on a small shared machine.
+        argv += ["--cpu", "--fp16-unet"]
     return argv + list(extra or [])
 
 
@@ -923,7 +925,7 @@ def child_prepare(spec: dict, rec: Record) -> None:
             p for p in (str(REPO), spec["comfyui"], os.environ.get("PYTHONPATH", "")) if p))
         # harness.fixtures' own entry point, through this script so that --emulate-gpu-image applies there too
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--make-fixture", "sd15", str(tmp)],
-                       check=True, env=env, cwd=str(REPO))
+                       check=True, env=env, cwd=str(REPO), preexec_fn=die_with_parent)
         os.replace(tmp, ckpt)
         rec.note(f"generated {ckpt.name} ({ckpt.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s")
     else:
@@ -1017,6 +1019,16 @@ def child_main(section: str, spec_path: Path, out: Path) -> int:
 
 
 # ================================================================================================ parent
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when its parent dies (Linux prctl PR_SET_PDEATHSIG), so a check killed
+    from outside (a test's timeout, the device call's limit) leaves no section running."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))
+    except Exception:
+        pass
+
+
 class Child:
     def __init__(self, section: str, spec: dict, work: Path, env: dict, log_file: Path | None = None):
         self.section = section
@@ -1028,8 +1040,8 @@ class Child:
         self.t0 = time.time()
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", section,
                                       "--spec", str(spec_path), "--out", str(self.out)], env=env, cwd=str(REPO),
-                                     start_new_session=True, stdout=self._log, stderr=subprocess.STDOUT if self._log
-                                     else None)
+                                     start_new_session=True, preexec_fn=die_with_parent, stdout=self._log,
+                                     stderr=subprocess.STDOUT if self._log else None)
         self.killed = None
 
     def read(self) -> dict:

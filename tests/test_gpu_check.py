@@ -167,7 +167,8 @@ def dry(host, tmp_path_factory):
         cmd.append("--emulate-gpu-image")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     t = time.time()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=str(REPO))
+    # Its sections die with it (PR_SET_PDEATHSIG) if the timeout kills it.
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1700, cwd=str(REPO))
     seconds = time.time() - t
     print(f"gpu_check --dry: {seconds:.0f} s ({' '.join(cmd[2:])})")
     assert res.returncode == 0, (res.stdout[-4000:], res.stderr[-4000:])
