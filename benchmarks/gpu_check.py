@@ -75,8 +75,8 @@ PROMPT_ID = "linfusion-gpu-check"
 
 # Peak HBM bandwidth by card name (NVIDIA datasheets). First match wins, so the specific names come first.
 PEAK_BANDWIDTH = [
-    (("H200",), 4.8e12, "NVIDIA H200 (141 GB HBM3e): 4.8 TB/s, datasheet"),
     (("GH200",), 4.0e12, "NVIDIA GH200 (96 GB HBM3): 4.0 TB/s, datasheet"),
+    (("H200",), 4.8e12, "NVIDIA H200 (141 GB HBM3e): 4.8 TB/s, datasheet"),
     (("H100", "NVL"), 3.9e12, "NVIDIA H100 NVL: 3.9 TB/s, datasheet"),
     (("H100", "PCIE"), 2.0e12, "NVIDIA H100 PCIe: 2.0 TB/s, datasheet"),
     (("H100",), 3.35e12, "NVIDIA H100 SXM (80 GB HBM3): 3.35 TB/s, datasheet (an H100 that is neither PCIe nor NVL "
@@ -105,7 +105,7 @@ GPU_CONFIG = {
              "configs": ["stock", "linfusion", "no-self-attn"], "stock_max_latent_px": None, "max_reps": 3,
              "target_s": 1.5, "warmup": True},
     "chain": {"stages": 5, "steps": 2, "scale": 1.0},
-    "shares": {"attention": 0.2, "unet": 0.33},
+    "shares": {"attention": 0.15, "unet": 0.25},  # at most; the chain (slowest, 16K) gets the rest
     "budget": 480.0,
 }
 DRY_CONFIG = {
@@ -117,7 +117,9 @@ DRY_CONFIG = {
              "stock_max_latent_px": None, "max_reps": 1, "target_s": 0.0, "warmup": False},
     "chain": {"stages": 2, "steps": 1, "scale": 1 / 16},
     "shares": {"attention": 0.25, "unet": 0.4},
-    "budget": 600.0,
+    # Generous: on a shared 2-core machine one tiny UNet call can take minutes when memory is short; the time
+    # guards themselves are tested apart (tests/test_gpu_check.py).
+    "budget": 1500.0,
 }
 
 
@@ -260,8 +262,9 @@ def max_rel_diff(a, b, torch, chunk: int = 1 << 18) -> tuple[float, float]:
     """(max |a - b|, max |b|) over (B, N, C) tensors, in token chunks (no full-size temporaries)."""
     diff, scale = 0.0, 0.0
     for s in range(0, a.shape[1], chunk):
-        x = a[:, s:s + chunk].double() if a.dtype == torch.float64 else a[:, s:s + chunk].float()
-        y = b[:, s:s + chunk].to(x.dtype)
+        wide = torch.float64 if b.dtype == torch.float64 else torch.float32  # the fp64 reference stays fp64
+        x = a[:, s:s + chunk].to(wide)
+        y = b[:, s:s + chunk].to(wide)
         diff = max(diff, (x - y).abs().max().item())
         scale = max(scale, y.abs().max().item())
     return diff, scale
@@ -314,7 +317,7 @@ def child_attention(spec: dict, rec: Record) -> None:
                 if impl == "triton" and (dname not in compiled):
                     pred += 5.0 if cuda else 0.0
             left = deadline - time.time()
-            if pred > left:
+            if pred > left or left <= 0:
                 rec.skip(f"N={N} {dname} ({', '.join(todo)})", f"predicted {pred:.0f} s > {left:.0f} s left")
                 continue
             try:
@@ -354,6 +357,9 @@ def child_attention(spec: dict, rec: Record) -> None:
                     if impl != "torch" and "torch" in outs:
                         d, s = max_rel_diff(out, outs["torch"], torch)
                         row["rel_diff_vs_torch"] = d / max(s, 1e-30)
+                    if impl == "torch" and "triton" in todo:
+                        outs["torch"] = out  # kept to compare the Triton output against, above the fp64 limit
+                    del out  # free before the timed calls (4.2 M fp32 tokens: 10.7 GB per tensor)
                     for _ in range(cfg["warmup"]):
                         fn(q, k, v, H)
                     med, mn, reps = time_calls(lambda: fn(q, k, v, H), torch, cuda, cfg["min_reps"],
@@ -362,9 +368,6 @@ def child_attention(spec: dict, rec: Record) -> None:
                                bytes_per_s=nbytes / med)
                     row["hbm_fraction"] = (nbytes / med) / peak if peak else None
                     last[impl] = (N, med)
-                    if impl == "torch" and "triton" in todo:
-                        outs["torch"] = out
-                    del out
                     log(f"attention {impl:6s} {dname:8s} N={N:>8d}: {med * 1e3:9.3f} ms  "
                         f"{nbytes / med / 1e9:8.1f} GB/s" + (f" ({row['hbm_fraction'] * 100:5.1f}% of peak)"
                                                               if peak else "")
@@ -376,8 +379,13 @@ def child_attention(spec: dict, rec: Record) -> None:
                     broken[(impl, dname)] = row["error"]
                     log(f"attention {impl} {dname} N={N}: {row['error']}")
                     if cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
+                        try:
+                            torch.cuda.synchronize()
+                            torch.cuda.empty_cache()
+                        except Exception as e2:  # a sticky CUDA error: nothing more can run in this process
+                            rec.row(row)
+                            rec.note(f"CUDA unusable after that error ({first_line(e2)}); section stopped")
+                            return
                 rec.row(row)
             del q, k, v, ref, outs
             if cuda:
@@ -388,7 +396,9 @@ def child_attention(spec: dict, rec: Record) -> None:
 def comfy_argv(spec: dict, extra: list | None = None) -> list:
     argv = ["main.py", "--base-directory", spec["base"]]
     if spec["dry"]:
-        argv.append("--cpu")
+        # --fp16-unet: the UNet's weights stay fp16 (computed in fp32 by ComfyUI's manual cast on the CPU), half
+        # the memory of fp32 weights; the dry run has to live beside other work on a small shared machine.
+        argv += ["--cpu", "--fp16-unet"]
     return argv + list(extra or [])
 
 
@@ -409,8 +419,14 @@ def import_comfy(spec: dict, extra_args: list | None = None):
 
 
 def comfy_env(spec: dict) -> dict:
-    return {"comfyui": spec["comfyui"], "comfyui_version": comfyui_version(Path(spec["comfyui"])),
-            "comfy_aimdo": dist_version("comfy-aimdo"), "comfy_kitchen": dist_version("comfy-kitchen")}
+    env = {"comfyui": spec["comfyui"], "comfyui_version": comfyui_version(Path(spec["comfyui"])),
+           "comfy_aimdo": dist_version("comfy-aimdo"), "comfy_kitchen": dist_version("comfy-kitchen")}
+    try:  # the attention ComfyUI picked for the stock model (sdpa, xformers, split, ...)
+        import comfy.ldm.modules.attention as cattn
+        env["comfy_attention"] = getattr(cattn.optimized_attention, "__name__", str(cattn.optimized_attention))
+    except Exception as e:
+        env["comfy_attention"] = f"unknown ({first_line(e)})"
+    return env
 
 
 # ================================================================================================ unet section
@@ -420,6 +436,8 @@ def unet_skip_reason(name: str, latent_px: int, formula: float, total_mem: float
     the input; ``total_mem``: the card's memory (None on the CPU); ``last``: (latent px, seconds) of this config at
     the previous size; ``left``: seconds left in the section. Stock attention is extrapolated quadratically in the
     latent area, everything else linearly, with a 30 % margin."""
+    if left <= 0:
+        return "the section's time is spent"
     if name == "stock":
         if stock_max_latent_px and latent_px > stock_max_latent_px:
             return f"stock limited to {stock_max_latent_px} latent px in this configuration"
@@ -714,6 +732,8 @@ class ExecutionProbe:
                 r["max_memory_allocated_error"] = first_line(e)
             r["device_used_peak"] = max(self._dev_peak, self._read())
         r["seconds"] = round(now - r.pop("_t0"), 4)
+        if self.interrupted_for_time:  # ran into (or started after) the interrupt: cut short
+            r["interrupted"] = True
         r["rss_peak"] = proc_status("VmHWM")
         prog = r.get("progress") or []
         if prog:  # seconds of each sampling step (the first includes the node's own set-up: model load, patching)
@@ -873,6 +893,8 @@ def aggregate_stages(node_recs: list, prompt: dict) -> list:
                                 "device_used_peak": None, "rss_peak": 0})
         a["seconds"] = round(a["seconds"] + r.get("seconds", 0.0), 4)
         a["nodes"].append(r["class_type"])
+        if r.get("interrupted"):
+            a["cut_short"] = True
         for key in ("max_memory_allocated", "device_used_peak"):
             if r.get(key) is not None:
                 a[key] = max(a[key] or 0, r[key])
@@ -900,10 +922,11 @@ def child_prepare(spec: dict, rec: Record) -> None:
         t = time.perf_counter()
         tmp = ckpt.with_suffix(".partial")
         # keep the caller's PYTHONPATH: on the GPU machine the carried wheels are found through it
-        paths = (str(REPO), spec["comfyui"], os.environ.get("PYTHONPATH", ""))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
-        subprocess.run([sys.executable, "-m", "harness.fixtures", "sd15", str(tmp)], check=True, env=env,
-                       cwd=str(REPO))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO), spec["comfyui"], os.environ.get("PYTHONPATH", "")) if p))
+        # harness.fixtures' own entry point, through this script so that --emulate-gpu-image applies there too
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--make-fixture", "sd15", str(tmp)],
+                       check=True, env=env, cwd=str(REPO), preexec_fn=die_with_parent)
         os.replace(tmp, ckpt)
         rec.note(f"generated {ckpt.name} ({ckpt.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t:.0f} s")
     else:
@@ -968,6 +991,13 @@ CHILDREN = {"attention": child_attention, "unet": child_unet, "chain": child_cha
 
 
 def child_main(section: str, spec_path: Path, out: Path) -> int:
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for the stacks before a kill
+    if os.environ.get("GPU_CHECK_STACKS"):  # debugging: every thread's stack every N seconds
+        faulthandler.dump_traceback_later(float(os.environ["GPU_CHECK_STACKS"]), repeat=True)
+    if section in ("unet", "chain"):  # ComfyUI's own INFO lines (model loads, DynamicVRAM) go into the log
+        import logging
+        logging.basicConfig(level=logging.INFO, format="  [comfy] %(levelname)s %(message)s")
     spec = json.loads(Path(spec_path).read_text())
     rec = Record(out, section)
     if str(REPO) not in sys.path:
@@ -990,6 +1020,16 @@ def child_main(section: str, spec_path: Path, out: Path) -> int:
 
 
 # ================================================================================================ parent
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when its parent dies (Linux prctl PR_SET_PDEATHSIG), so a check killed
+    from outside (a test's timeout, the device call's limit) leaves no section running."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))
+    except Exception:
+        pass
+
+
 class Child:
     def __init__(self, section: str, spec: dict, work: Path, env: dict, log_file: Path | None = None):
         self.section = section
@@ -1001,16 +1041,41 @@ class Child:
         self.t0 = time.time()
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", section,
                                       "--spec", str(spec_path), "--out", str(self.out)], env=env, cwd=str(REPO),
-                                     start_new_session=True, stdout=self._log, stderr=subprocess.STDOUT if self._log
-                                     else None)
+                                     start_new_session=True, preexec_fn=die_with_parent, stdout=self._log,
+                                     stderr=subprocess.STDOUT if self._log else None)
         self.killed = None
 
-    def wait(self, until: float) -> dict:
+    def read(self) -> dict:
         try:
-            self.proc.wait(timeout=max(1.0, until - time.time()))
-        except subprocess.TimeoutExpired:
+            data = json.loads(self.out.read_text())
+        except (OSError, ValueError):
+            running = self.proc.poll() is None
+            data = {"section": self.section, "status": "running" if running else "error", "rows": [], "notes": [],
+                    "skipped": [], "error": None if running else f"no results (exit code {self.proc.returncode})"}
+        if "nodes" in data and "stages" not in data:  # a chain cut short: stages from the nodes it finished
+            data["stages"] = aggregate_stages(data["nodes"], data.get("prompt", {}))
+        data["wall_seconds"] = round(time.time() - self.t0, 2)
+        return data
+
+    def wait(self, until: float, tick=None, every: float = 15.0) -> dict:
+        """Wait for the section until ``until`` (then its stacks are printed and it is killed); ``tick(data)`` is
+        called with what it has recorded so far every ``every`` seconds."""
+        while True:
+            try:
+                self.proc.wait(timeout=max(0.1, min(every, until - time.time())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.time() < until:
+                    if tick:
+                        tick(self.read())
+                    continue
             self.killed = f"killed at its time limit after {time.time() - self.t0:.0f} s"
-            log(f"{self.section}: {self.killed}")
+            log(f"{self.section}: {self.killed}; its threads' stacks:")
+            try:
+                os.kill(self.proc.pid, signal.SIGUSR1)
+                time.sleep(2)
+            except ProcessLookupError:
+                pass
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(self.proc.pid, sig)
@@ -1021,14 +1086,10 @@ class Child:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+            break
         if self._log:
             self._log.close()
-        try:
-            data = json.loads(self.out.read_text())
-        except (OSError, ValueError):
-            data = {"section": self.section, "status": "error", "rows": [], "notes": [], "skipped": [],
-                    "error": f"no results (exit code {self.proc.returncode})"}
-        data["wall_seconds"] = round(time.time() - self.t0, 2)
+        data = self.read()
         data["exit_code"] = self.proc.returncode
         if self.killed:
             data["status"] = "killed"
@@ -1094,9 +1155,17 @@ def main(argv=None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--make-fixture", nargs=2, metavar=("NAME", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child_main(args.child, args.spec, args.out)
+    if args.make_fixture:  # harness.fixtures.build in this process (run by the prepare section)
+        if os.environ.get("GPU_CHECK_EMULATE_GPU_IMAGE") == "1":
+            install_import_blocker()
+        sys.path.insert(0, str(REPO))
+        from harness import fixtures
+        fixtures.build(args.make_fixture[0], Path(args.make_fixture[1]))
+        return 0
 
     t_start = time.time()
     config = json.loads(json.dumps(DRY_CONFIG if args.dry else GPU_CONFIG))
@@ -1137,6 +1206,7 @@ def main(argv=None) -> int:
         report["sections"]["attention"] = Child(
             "attention", dict(common, cfg=config["attention"], deadline=share("attention")), work,
             child_env(args.dry, comfyui, "attention", args.emulate_gpu_image)).wait(share("attention") + 15)
+        write_report(report, args, t_start)
     models = {}
     if prep is not None:
         p = prep.wait(deadline - 60 if not args.dry else deadline)
@@ -1163,12 +1233,18 @@ def main(argv=None) -> int:
             report["sections"]["unet"] = Child(
                 "unet", dict(common, **models, cfg=config["unet"], deadline=until), work,
                 child_env(args.dry, comfyui, "unet", args.emulate_gpu_image)).wait(until + 20)
+            write_report(report, args, t_start)
         else:
             until = deadline - 10
             spec = dict(common, **models, cfg=config["chain"], deadline=until - 15, classic=args.classic)
+
+            def tick(data, key="chain"):  # the chain's progress reaches $OUT even if the device call is cut off
+                report["sections"][key] = data
+                write_report(report, args, t_start)
             res = Child("chain", spec, work,
-                        child_env(args.dry, comfyui, "chain", args.emulate_gpu_image)).wait(until)
+                        child_env(args.dry, comfyui, "chain", args.emulate_gpu_image)).wait(until, tick)
             report["sections"]["chain"] = res
+            write_report(report, args, t_start)
             dyn = res.get("env", {}).get("dynamic_vram")
             if res.get("run_status") not in ("success", "interrupted (time budget)") and dyn and \
                     deadline - time.time() > 60:
@@ -1177,22 +1253,35 @@ def main(argv=None) -> int:
                 spec = dict(spec, classic=True, tag="-classic", deadline=deadline - 25)
                 report["sections"]["chain_classic"] = Child(
                     "chain", spec, work, child_env(args.dry, comfyui, "chain", args.emulate_gpu_image)
-                ).wait(deadline - 10)
+                ).wait(deadline - 10, lambda d: tick(d, "chain_classic"))
+    paths = write_report(report, args, t_start, final=True)
+    log(f"wrote {paths[0]} and .md in {report['seconds']:.0f} s")
+    return 0
+
+
+def write_report(report: dict, args, t_start: float, final: bool = False) -> tuple:
+    """Write the report: gpu_check_partial*.json/.md after each section (what a run cut off at the device's time
+    limit still brings back), the named files at the end (and the partial ones removed)."""
     report["seconds"] = round(time.time() - t_start, 1)
     env = next((s.get("env") for s in report["sections"].values() if s.get("env", {}).get("device")), {}) or {}
     report["device"] = env.get("device")
     report["torch"] = env.get("torch")
     report["triton"] = env.get("triton")
-    if args.dry:
-        stem = "gpu_check_cpu-dry-run"
-    else:
-        stem = f"gpu_check_{slug(report['device'] or 'unknown-device')}"
-    stem += args.tag
+    report["complete"] = final
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(args.out_dir / f"{stem}.json", report)
-    (args.out_dir / f"{stem}.md").write_text(markdown(report))
-    log(f"wrote {args.out_dir / (stem + '.json')} and .md in {report['seconds']:.0f} s")
-    return 0
+    partial = args.out_dir / f"gpu_check_partial{args.tag}"
+    if not final:
+        stem = partial
+    elif args.dry:
+        stem = args.out_dir / f"gpu_check_cpu-dry-run{args.tag}"
+    else:
+        stem = args.out_dir / f"gpu_check_{slug(report['device'] or 'unknown-device')}{args.tag}"
+    write_json(stem.with_name(stem.name + ".json"), report)
+    stem.with_name(stem.name + ".md").write_text(markdown(report))
+    if final:
+        for ext in (".json", ".md"):
+            partial.with_name(partial.name + ext).unlink(missing_ok=True)
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
 
 
 # ================================================================================================ markdown
@@ -1210,6 +1299,8 @@ def _e(x):
 
 def markdown(rep: dict) -> str:
     L = [f"# LinFusion GPU check: {rep.get('device') or '?'} ({rep['mode']})", ""]
+    if not rep.get("complete", True):
+        L += ["**Partial report**: written after a section; the run had not finished (or was cut off) then.", ""]
     if rep["mode"] != "GPU":
         L += ["**CPU dry run at tiny sizes.** It checks that every part of the GPU check runs; the numbers are CPU "
               "numbers and say nothing about a GPU.", ""]
@@ -1220,7 +1311,7 @@ def markdown(rep: dict) -> str:
     L.append("")
     secs = rep["sections"]
     a = secs.get("attention")
-    if a:
+    if a and a.get("status") != "not run":
         env = a.get("env", {})
         L += ["## Attention op (linfusion_core.attention)", "",
               f"{env.get('shape', '')}; status {a.get('status')}; peak bandwidth: "
@@ -1238,11 +1329,12 @@ def markdown(rep: dict) -> str:
                      f"{_e(r.get('rel_err'))} | {_e(r.get('rel_diff_vs_torch'))} | {r.get('reps')} |")
         L += _skips(a)
     u = secs.get("unet")
-    if u:
+    if u and u.get("status") != "not run":
         env = u.get("env", {})
         L += ["## One SD-1.5 UNet step", "",
               f"batch {(u.get('rows') or [{}])[0].get('batch', '?')}, {env.get('unet_dtype', '?')}, "
-              f"{env.get('model_management', '')}; status {u.get('status')}. Peak: "
+              f"{env.get('model_management', '')}, ComfyUI attention `{env.get('comfy_attention')}`, allocator "
+              f"{env.get('allocator')}; status {u.get('status')}. Peak: "
               f"{(u.get('rows') or [{}])[0].get('memory_method', '')}.", "",
               "| image | latent | config | time | vs floor | peak memory | ComfyUI formula | estimate |",
               "|---|---|---|---|---|---|---|---|"]
@@ -1261,14 +1353,17 @@ def markdown(rep: dict) -> str:
         L += _skips(u)
     for key in ("chain", "chain_classic"):
         c = secs.get(key)
-        if not c:
+        if not c or c.get("status") == "not run":
             continue
         env = c.get("env", {})
         L += [f"## SD-1.5 16K chain ({key})", "",
               f"{env.get('model_management', '?')}; run {c.get('run_status', c.get('status'))} in "
               f"{c.get('seconds', 0):.1f} s (set-up {c.get('setup_seconds', 0):.1f} s). Steps per stage cut to "
               f"{rep['config']['chain']['steps']} (denoise kept), stages 1–{rep['config']['chain']['stages']}, "
-              f"size ×{rep['config']['chain']['scale']:g}.", ""]
+              f"size ×{rep['config']['chain']['scale']:g}. Allocator {env.get('allocator')}; ComfyUI attention "
+              f"`{env.get('comfy_attention')}`" + ("; comfy-kitchen without its compiled CUDA extension (trimmed to "
+                                                   "travel)" if env.get("comfy_kitchen_cuda_extension") is False
+                                                   else "") + ".", ""]
         if c.get("error"):
             L += [f"Error: `{c['error'][:500]}`", ""]
         L += ["| stage | size | time | sampler steps (s each) | peak allocated | peak device use | peak RSS |",
@@ -1277,7 +1372,8 @@ def markdown(rep: dict) -> str:
             smp = s.get("sampler") or {}
             steps = ", ".join(f"{x:.2f}" for x in (smp.get("step_seconds") or []))
             size = "×".join(str(v) for v in s.get("size", [])) or "–"
-            L.append(f"| {s['stage'][:48]} | {size} | {s['seconds']:.2f} s | {steps or '–'} | "
+            cut = " (cut short)" if s.get("cut_short") else ""
+            L.append(f"| {s['stage'][:48]}{cut} | {size} | {s['seconds']:.2f} s | {steps or '–'} | "
                      f"{_gib(s.get('max_memory_allocated'))} | {_gib(s.get('device_used_peak'))} | "
                      f"{_gib(s.get('rss_peak'))} |")
         L += _skips(c)

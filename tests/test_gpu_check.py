@@ -51,7 +51,8 @@ def test_unet_skip_rules():
     assert "quadratic" in skip("stock", 4096, 1.0, None, (1024, 1.0), 20)
     assert skip("linfusion", 4096, 1.0, None, (1024, 1.0), 6) is None         # 4 x 1.3 = 5.2 s
     assert "linear" in skip("linfusion", 4096, 1.0, None, (1024, 1.0), 5)
-    assert skip("no-self-attn", 4096, 1e30, 1.0, None, 0) is None            # the formula limits stock only
+    assert skip("no-self-attn", 4096, 1e30, 1.0, None, 1) is None            # the formula limits stock only
+    assert "time is spent" in skip("linfusion", 64, 1.0, None, None, 0)
 
 
 def _refs_resolve(api: dict) -> bool:
@@ -115,6 +116,39 @@ def test_device_command_fits():
     assert not {gpu_prepare.norm(n) for n in gpu_prepare.CARRY} & gpu_prepare.GPU_IMAGE
 
 
+def test_section_killed_at_its_limit_keeps_what_it_recorded(tmp_path):
+    """The parent's hard time guard: a section past its limit is asked for its stacks and killed; what it wrote
+    so far is kept, and the progress callback saw it while it ran."""
+    part = tmp_path / "part-x.json"
+    part.write_text(json.dumps({"section": "x", "status": "running", "rows": [{"a": 1}], "notes": [],
+                                "skipped": []}))
+    child = gpu_check.Child.__new__(gpu_check.Child)
+    child.section, child.out, child._log, child.killed, child.t0 = "x", part, None, None, time.time()
+    child.proc = subprocess.Popen([sys.executable, "-c", "import faulthandler, signal, time; "
+                                   "faulthandler.register(signal.SIGUSR1); time.sleep(60)"],
+                                  start_new_session=True)
+    ticks = []
+    data = child.wait(time.time() + 2.0, tick=ticks.append, every=0.5)
+    assert child.proc.poll() is not None
+    assert data["status"] == "killed" and "time limit" in data["killed"] and data["rows"] == [{"a": 1}]
+    assert ticks and ticks[0]["rows"] == [{"a": 1}]
+
+
+def test_partial_report_then_named_files(tmp_path):
+    import argparse
+    args = argparse.Namespace(out_dir=tmp_path, tag="", dry=False)
+    report = {"mode": "GPU", "date": "d", "budget_s": 480, "config": {"chain": {"steps": 2, "stages": 5,
+                                                                                "scale": 1.0}},
+              "notes": [], "sections": {"attention": {"status": "done", "env": {"device": "NVIDIA H100 80GB HBM3"},
+                                                      "rows": [], "skipped": [], "notes": []}}}
+    gpu_check.write_report(report, args, time.time())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check_partial.json", "gpu_check_partial.md"]
+    assert json.loads((tmp_path / "gpu_check_partial.json").read_text())["complete"] is False
+    gpu_check.write_report(report, args, time.time(), final=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check_NVIDIA-H100-80GB-HBM3.json",
+                                                          "gpu_check_NVIDIA-H100-80GB-HBM3.md"]
+
+
 # --------------------------------------------------------------------------------------------- the dry run
 def _has_dynamic_vram(comfyui: str) -> bool:
     try:
@@ -133,7 +167,8 @@ def dry(host, tmp_path_factory):
         cmd.append("--emulate-gpu-image")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     t = time.time()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=str(REPO))
+    # Its sections die with it (PR_SET_PDEATHSIG) if the timeout kills it.
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1700, cwd=str(REPO))
     seconds = time.time() - t
     print(f"gpu_check --dry: {seconds:.0f} s ({' '.join(cmd[2:])})")
     assert res.returncode == 0, (res.stdout[-4000:], res.stderr[-4000:])
