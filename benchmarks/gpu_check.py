@@ -34,7 +34,7 @@ triton and ComfyUI versions, date, budget, and what was skipped and why). --dry 
 
 CPU dry mode (--dry): the same code paths at tiny sizes on the CPU (100 tokens, two blocks of 64 with masking; one
 UNet step per config at 64×64 px; the chain cut to its first 2 stages at 1/16 size, 1 step each; the Triton kernels
-under TRITON_INTERPRET=1). Timings are CPU timings, not GPU results. tests/test_gpu_check.py runs it (and tests
+under TRITON_INTERPRET=1; ComfyUI with --fp16-unet to halve its memory). Timings are CPU timings, not GPU results. tests/test_gpu_check.py runs it (and tests
 the skip rules, the bandwidth table and the prompt surgery on their own).
 
 On the GPU machine (no network; torch, triton and most of ComfyUI's needs are there): first, here,
@@ -1190,6 +1190,8 @@ def main(argv=None) -> int:
     if args.dry:
         report["notes"].append("CPU DRY RUN at tiny sizes: exercises the code paths; its timings are CPU timings, "
                                "not GPU results.")
+        report["notes"].append("dry run: ComfyUI with --cpu --fp16-unet (UNet weights kept fp16, computed in fp32 "
+                               "by ComfyUI's manual cast), to halve the memory on a shared machine")
     log(f"{report['mode']}: budget {budget:.0f} s, ComfyUI {report['comfyui_version']} at {comfyui}, work {work}")
 
     def share(name):
