@@ -5,7 +5,7 @@ Sections (each in its own Python process, killed at its time limit; what it meas
 
   attention  linfusion_core.attention on one device: the Triton kernels and the torch fast path, fp16, bf16 and
              fp32, token counts up to 4,194,304 at batch 2 (SD-1.5's first level: 8 heads of 40, C=320). Max
-             error against linear_attention_reference in float64 (up to --ref-max-tokens; above it against the
+             error against linear_attention_reference in float64 (up to 1,048,576 tokens; above that against the
              torch path), time (CUDA events after a warm-up call, median of several calls) and the fraction of the
              card's peak HBM bandwidth reached (bytes of q, k, v read and out written / time; peak looked up by
              card name, the assumption recorded).
@@ -1148,6 +1148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chain-stages", type=int, help="run the chain's first N stages (default all 5; dry 2)")
     ap.add_argument("--classic", action="store_true", help="chain with classic model management (no DynamicVRAM)")
     ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a quick GPU smoke test: the GPU mode's code paths at the dry run's tiny sizes (output "
+                         "files tagged -tiny; needs a GPU: without one ComfyUI stops at import, use --dry)")
     ap.add_argument("--emulate-gpu-image", action="store_true",
                     help="make the packages the GPU machine lacks (and that do not travel) unimportable in the "
                          "sections, to check benchmarks/gpu_prepare.py's list (use with ComfyUI 0.33.0's venv)")
@@ -1167,8 +1170,10 @@ def main(argv=None) -> int:
         return 0
 
     t_start = time.time()
-    config = json.loads(json.dumps(DRY_CONFIG if args.dry else GPU_CONFIG))
-    budget = args.budget or config["budget"]
+    config = json.loads(json.dumps(DRY_CONFIG if (args.dry or args.tiny) else GPU_CONFIG))
+    budget = args.budget or (300.0 if args.tiny else config["budget"])
+    if args.tiny and not args.dry:
+        args.tag = "-tiny" + args.tag
     deadline = t_start + budget
     if args.chain_steps:
         config["chain"]["steps"] = args.chain_steps
