@@ -5,7 +5,7 @@ Sections (each in its own Python process, killed at its time limit; what it meas
 
   attention  linfusion_core.attention on one device: the Triton kernels and the torch fast path, fp16, bf16 and
              fp32, token counts up to 4,194,304 at batch 2 (SD-1.5's first level: 8 heads of 40, C=320). Max
-             error against linear_attention_reference in float64 (up to --ref-max-tokens; above it against the
+             error against linear_attention_reference in float64 (up to 1,048,576 tokens; above that against the
              torch path), time (CUDA events after a warm-up call, median of several calls) and the fraction of the
              card's peak HBM bandwidth reached (bytes of q, k, v read and out written / time; peak looked up by
              card name, the assumption recorded).
@@ -34,7 +34,7 @@ triton and ComfyUI versions, date, budget, and what was skipped and why). --dry 
 
 CPU dry mode (--dry): the same code paths at tiny sizes on the CPU (100 tokens, two blocks of 64 with masking; one
 UNet step per config at 64×64 px; the chain cut to its first 2 stages at 1/16 size, 1 step each; the Triton kernels
-under TRITON_INTERPRET=1). Timings are CPU timings, not GPU results. tests/test_gpu_check.py runs it (and tests
+under TRITON_INTERPRET=1; ComfyUI with --fp16-unet to halve its memory). Timings are CPU timings, not GPU results. tests/test_gpu_check.py runs it (and tests
 the skip rules, the bandwidth table and the prompt surgery on their own).
 
 On the GPU machine (no network; torch, triton and most of ComfyUI's needs are there): first, here,
@@ -1149,6 +1149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chain-stages", type=int, help="run the chain's first N stages (default all 5; dry 2)")
     ap.add_argument("--classic", action="store_true", help="chain with classic model management (no DynamicVRAM)")
     ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a quick GPU smoke test: the GPU mode's code paths at the dry run's tiny sizes (output "
+                         "files tagged -tiny; needs a GPU: without one ComfyUI stops at import, use --dry)")
     ap.add_argument("--emulate-gpu-image", action="store_true",
                     help="make the packages the GPU machine lacks (and that do not travel) unimportable in the "
                          "sections, to check benchmarks/gpu_prepare.py's list (use with ComfyUI 0.33.0's venv)")
@@ -1168,8 +1171,10 @@ def main(argv=None) -> int:
         return 0
 
     t_start = time.time()
-    config = json.loads(json.dumps(DRY_CONFIG if args.dry else GPU_CONFIG))
-    budget = args.budget or config["budget"]
+    config = json.loads(json.dumps(DRY_CONFIG if (args.dry or args.tiny) else GPU_CONFIG))
+    budget = args.budget or (300.0 if args.tiny else config["budget"])
+    if args.tiny and not args.dry:
+        args.tag = "-tiny" + args.tag
     deadline = t_start + budget
     if args.chain_steps:
         config["chain"]["steps"] = args.chain_steps
@@ -1191,6 +1196,8 @@ def main(argv=None) -> int:
     if args.dry:
         report["notes"].append("CPU DRY RUN at tiny sizes: exercises the code paths; its timings are CPU timings, "
                                "not GPU results.")
+        report["notes"].append("dry run: ComfyUI with --cpu --fp16-unet (UNet weights kept fp16, computed in fp32 "
+                               "by ComfyUI's manual cast), to halve the memory on a shared machine")
     log(f"{report['mode']}: budget {budget:.0f} s, ComfyUI {report['comfyui_version']} at {comfyui}, work {work}")
 
     def share(name):
