@@ -3,7 +3,7 @@
 SD-1.5 level-0 self-attention shapes (C=320, 8 heads, batch 2), 4K to 1M tokens. Rows:
   softmax     ComfyUI's optimized_attention as ComfyUI picks it (COMFYUI_PATH, or the ComfyUI this
               pack is installed in), else torch's scaled_dot_product_attention
-  authors     the authors' formulation (linfusion_core.attention.authors_style_attention), the baseline
+  authors     the authors' formulation (benchmarks/authors_attention.py), the baseline
   reference   linear_attention_reference
   fast        linear_attention_torch_fast
   triton      linear_attention_triton (CUDA only)
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.authors_attention import authors_style_attention  # noqa: E402
 from linfusion_core.attention import (  # noqa: E402
-    authors_style_attention,
     linear_attention_reference,
     linear_attention_torch_fast,
     linear_attention_triton,

@@ -9,7 +9,7 @@ What it is used for:
     ``load_problems``, which lets through only the marks of model/input files that are not installed;
   * building the bundled workflows: the graph is assembled by the frontend itself (``LiteGraph.createNode``,
     widgets set by name, ``connect``) and saved by its own Export command, so the files are exactly what it
-    writes (``Frontend.build``, used by workflows/build.py).
+    writes (``Frontend.build``, used by harness/build_workflows.py).
 
 Works with frontend 1.32.9 (ComfyUI 0.3.75) and 1.49.6 (ComfyUI 0.33.0).
 

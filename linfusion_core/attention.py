@@ -14,7 +14,6 @@ Implementations:
   linear_attention_torch_fast  chunked two-pass torch version (CPU and any device)
   linear_attention_triton      Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1)
   linear_attention             picks one (env LINFUSION_ATTENTION_IMPL = auto|reference|torch|triton)
-  authors_style_attention      transcription of the authors' code, the benchmark baseline
 """
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ __all__ = [
     "linear_attention_reference",
     "linear_attention_torch_fast",
     "linear_attention_triton",
-    "authors_style_attention",
     "triton_supports",
     "triton_geometry",
     "TritonGeometry",
@@ -157,27 +155,6 @@ def linear_attention_torch_fast(q, k, v, heads: int, eps: float = 1e-4, chunk_to
         den = r[..., d:].add_(eps)
         torch.div(r[..., :d], den, out=out[:, s:e].unflatten(-1, (H, d)).transpose(1, 2))
     return out
-
-
-def authors_style_attention(q, k, v, heads: int, eps: float = 1e-4) -> torch.Tensor:
-    """The formula as the authors' code writes it (heads folded into batch, input dtype throughout).
-
-    Benchmark baseline only. Pre-scales by the query-token count N, as this pack's formula states
-    (the same thing for self-attention, the only case LinFusion uses).
-    """
-    B, N, M, C, d = _check(q, k, v, heads)
-
-    def head_to_batch(x):
-        return x.reshape(B, -1, heads, d).permute(0, 2, 1, 3).reshape(B * heads, -1, d)
-
-    query, key, value = head_to_batch(q), head_to_batch(k), head_to_batch(v)
-    query = F.elu(query) + 1.0
-    key = F.elu(key) + 1.0
-    z = query @ key.mean(dim=-2, keepdim=True).transpose(-2, -1) + eps
-    scale = N ** -0.5
-    kv = (key * scale).transpose(-2, -1) @ (value * scale)
-    hidden = query @ kv / z
-    return hidden.reshape(B, heads, N, d).permute(0, 2, 1, 3).reshape(B, N, C)
 
 
 # ----------------------------------------------------------------------------------------------

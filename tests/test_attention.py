@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.authors_attention import authors_style_attention
 from linfusion_core import attention
 from linfusion_core.attention import (
     CUDA_MAX_GRID,
     IMPL_ENV,
-    authors_style_attention,
     linear_attention,
     linear_attention_reference,
     linear_attention_torch_fast,

@@ -1,6 +1,6 @@
 """Regenerate the bundled workflows (and their preview cards) with the real ComfyUI frontend.
 
-    LINFUSION_HOST_DIR=.host .host/venv/bin/python workflows/build.py
+    LINFUSION_HOST_DIR=.host .host/venv/bin/python -m harness.build_workflows
 
 Each graph below is assembled *inside* the frontend the host serves (nodes created by type, widgets set by name,
 links connected) and saved by the frontend's own Export command (Workflow > Export): each .json is the file that
@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+REPO = Path(__file__).resolve().parent.parent
+HERE = REPO / "workflows"  # where the files go
+sys.path.insert(0, str(REPO))
 
 SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
