@@ -7,7 +7,7 @@ measurement the memory estimate in nodes/memory.py is fitted to. Each (config, s
 
 Prints a markdown table (peak growth, ComfyUI's formula, the patched model's estimate and its ratio to the
 peak) and the least-squares lines peak = a x latent px x batch + b through the LinFusion points, one below and
-one above the size where the feed-forward runs in token chunks: what ``MEASURED`` in nodes/memory.py holds (fp32
+one above the size where the feed-forward runs in token chunks: what ``Family.memory`` in linfusion_core/families.py holds (fp32
 bytes).
 """
 from __future__ import annotations
@@ -22,13 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.host import host_info  # noqa: E402
-from linfusion_core.chunked import FIRST_TRANSFORMER_LEVEL, is_chunked  # noqa: E402
+from linfusion_core.chunked import is_chunked  # noqa: E402
+from linfusion_core.families import BY_KEY  # noqa: E402
 
 
 def is_chunked_row(family: str, latent_px: int, batch: int) -> bool:
     """Whether this row's first transformer level runs its feed-forward in token chunks (the estimate's
     second line)."""
-    channels, area_divisor = FIRST_TRANSFORMER_LEVEL[family]
+    channels, area_divisor = BY_KEY[family].first_transformer_level
     return is_chunked(batch, latent_px // batch // area_divisor, channels)
 
 

@@ -13,13 +13,6 @@ from torch import nn
 
 CHUNK_ELEMENTS = 1 << 22  # batch x tokens x channels of one input chunk (16 MB in fp32; FF temporaries 16x that)
 
-# Channels and latent-area divisor of each family's first transformer level: where chunking starts first.
-FIRST_TRANSFORMER_LEVEL = {"sd15": (320, 1), "sd21": (320, 1), "sdxl": (640, 4)}
-# Latent-area divisor of every level that has self-attention (input/output levels, then the middle block):
-# a layer there sees latent px / divisor tokens per batch item.
-ATTENTION_LEVELS = {"sd15": (1, 4, 16, 64), "sd21": (1, 4, 16, 64), "sdxl": (4, 16)}
-
-
 def chunk_tokens(batch: int, channels: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
     """Tokens per chunk for an input of ``batch`` x tokens x ``channels``."""
     return max(256, int(chunk_elements) // max(1, batch * channels))

@@ -54,8 +54,9 @@ def layer_map(ckpt: LinFusionCheckpoint, diffusers_to_comfy: dict, model_desc: s
 
 
 def check_widths(ckpt: LinFusionCheckpoint, mapped: list, widths: dict, heads: dict, model_desc: str) -> None:
-    """Each layer's width must equal the ComfyUI layer's; config heads (if any) must agree with the model."""
-    for lw, path in mapped:
+    """Each layer's width must equal the ComfyUI layer's; config heads (if any) must agree with the model.
+    ``mapped``: [(LayerWeights, ComfyUI path, ...)]."""
+    for lw, path, *_ in mapped:
         if widths[path] != lw.dim:
             raise LinFusionFileError(
                 f"LinFusion file '{ckpt.path}' ({ckpt.describe()}) does not fit {model_desc}: layer {lw.index} is "
@@ -64,3 +65,37 @@ def check_widths(ckpt: LinFusionCheckpoint, mapped: list, widths: dict, heads: d
             raise LinFusionFileError(
                 f"LinFusion file '{ckpt.path}' ({family_from_layers(ckpt.layers)}, config.json: {lw.heads} heads at "
                 f"layer {lw.index}) does not fit {model_desc}: {path} has {heads[path]} heads")
+
+
+def map_layers(ckpt: LinFusionCheckpoint, diffusers_to_comfy: dict, model_desc: str, only: tuple | None = None):
+    """([(LayerWeights, ComfyUI attn1 path, diffusers name)], [(ComfyUI path, reason)]): the layers to patch, in the
+    model's order, and those left out. ``diffusers_to_comfy`` is the key table of the whole UNet; ``only`` (diffusers
+    name prefixes, e.g. a ControlNet's encoder: ``("down_blocks.", "mid_block.")``) restricts patching to part of it.
+
+    The whole UNet must match the file layer for layer (``layer_map``). For a part, with config.json names each
+    layer takes the weights of its same-named file layer, wherever that sits (so a ControlNet with fewer transformer
+    blocks than its base UNet takes the weights of the layers it has); a layer the file has no weights for is left
+    out. Without names, the file's order must be that of the whole UNet."""
+    layers = diffusers_attn1_layers(diffusers_to_comfy)
+    comfy_to_name = {c: d for d, c in layers.items()}
+    if only is None:
+        return [(lw, path, comfy_to_name[path]) for lw, path in layer_map(ckpt, diffusers_to_comfy, model_desc)], []
+    part = {d: c for d, c in sorted(layers.items(), key=lambda kv: diffusers_module_order(kv[0])) if d.startswith(only)}
+    if all(lw.module_name for lw in ckpt.layers):
+        by_name = {lw.module_name: lw for lw in ckpt.layers}
+    else:
+        try:
+            mapped = layer_map(ckpt, diffusers_to_comfy, f"a UNet built like {model_desc}")
+        except LinFusionFileError as e:
+            raise LinFusionFileError(
+                f"{e}. The file has no config.json naming its layers, so they are taken in the order of the whole UNet "
+                f"that {model_desc} mirrors, and that does not line up. If it has fewer transformer blocks than its "
+                f"base model, put the released config.json beside the LinFusion file") from None
+        by_name = {comfy_to_name[path]: lw for lw, path in mapped}
+    found, skipped = [], []
+    for name, path in part.items():
+        if name in by_name:
+            found.append((by_name[name], path, name))
+        else:
+            skipped.append((path, f"the LinFusion file has no weights for {name}"))
+    return found, skipped

@@ -14,22 +14,16 @@ from dataclasses import dataclass, field
 import comfy.cldm.cldm
 import comfy.controlnet
 import comfy.ldm.modules.attention
-import comfy.model_management
-import comfy.ops
 import comfy.utils
-import torch
 
 from ..linfusion_core.checkpoint import LinFusionCheckpoint, LinFusionFileError, family_from_layers
-from ..linfusion_core.chunked import TokenChunkedFeedForward
-from ..linfusion_core.layer import LinFusionAttention, build_layer
-from ..linfusion_core.mapping import diffusers_attn1_layers, diffusers_module_order, layer_map
+from ..linfusion_core.families import by_context_dim
+from ..linfusion_core.mapping import diffusers_attn1_layers
 from . import lifecycle
-from .patching import chunk_feed_forwards
+from .patching import patch_self_attention
 
 log = logging.getLogger("LinFusion")
 
-# Cross-attention width of the text conditioning -> base family (the ControlNet is built for that family's UNet).
-_CONTEXT_FAMILIES = {768: "SD-1.5", 1024: "SD-2.x", 1280: "SD-XL refiner", 2048: "SD-XL"}
 _ENCODER_HEADS = ("down_blocks.", "mid_block.")
 
 
@@ -112,15 +106,15 @@ def encoder_unet_config(cldm) -> dict:
 def encoder_attn1_layers(cldm) -> dict:
     """{diffusers attn1 name: ComfyUI path under the ControlNet} for every self-attention layer of the encoder."""
     layers = diffusers_attn1_layers(comfy.utils.unet_to_diffusers(encoder_unet_config(cldm)))
-    return {d: c for d, c in sorted(layers.items(), key=lambda kv: diffusers_module_order(kv[0]))
-            if d.startswith(_ENCODER_HEADS)}
+    return {d: c for d, c in layers.items() if d.startswith(_ENCODER_HEADS)}
 
 
 def controlnet_family(cldm) -> str:
     for mod in cldm.modules():
         if isinstance(mod, comfy.ldm.modules.attention.BasicTransformerBlock):
             ctx = mod.attn2.to_k.in_features
-            return _CONTEXT_FAMILIES.get(ctx, f"unknown (text width {ctx})")
+            family = by_context_dim(ctx)  # the text width names the base family the ControlNet was built for
+            return family.name if family else f"unknown (text width {ctx})"
     if getattr(cldm, "num_classes", None) is not None:  # SD-XL's pooled-text/size embedding, no transformers
         return "SD-XL"
     return "unknown"
@@ -139,38 +133,6 @@ def _mismatch(ckpt: LinFusionCheckpoint, cn_family: str, n_layers: int, detail: 
         f"LinFusion weights made for {cn_family} (the same file as for the base model).")
 
 
-def map_encoder(ckpt: LinFusionCheckpoint, cldm, cn_family: str):
-    """([(LayerWeights, ComfyUI path, diffusers name)], [(ComfyUI path, reason)]) for the encoder's attn1 layers.
-
-    With config.json names, layers match by name (so ControlNets with fewer transformer blocks than the base UNet,
-    like SD-XL "mid" ControlNets, take the weights of the same-named UNet layers). Without names, the file's layer
-    order is that of the full UNet the encoder mirrors."""
-    enc = encoder_attn1_layers(cldm)
-    if all(lw.module_name for lw in ckpt.layers):
-        by_name = {lw.module_name: lw for lw in ckpt.layers}
-    else:
-        full = comfy.utils.unet_to_diffusers(encoder_unet_config(cldm))
-        comfy_to_name = {c: d for d, c in diffusers_attn1_layers(full).items()}
-        try:
-            mapped = layer_map(ckpt, full, f"a UNet built like this {cn_family} ControlNet's encoder")
-        except LinFusionFileError as e:
-            raise _mismatch(ckpt, cn_family, len(enc),
-                            "the file has no config.json naming its layers, so they are taken in the order of a full "
-                            f"UNet mirroring this encoder, and that does not line up ({e}). If the ControlNet has "
-                            "fewer transformer blocks than its base model, put the released config.json beside "
-                            "the LinFusion file") from None
-        by_name = {comfy_to_name[path]: lw for lw, path in mapped}
-
-    found, skipped = [], []
-    for name, path in enc.items():
-        lw = by_name.get(name)
-        if lw is None:
-            skipped.append((path, f"the LinFusion file has no weights for {name}"))
-        else:
-            found.append((lw, path, name))
-    return found, skipped
-
-
 # -- patching -----------------------------------------------------------------------------------------------------
 
 def _passthrough_reason(control_net) -> str:
@@ -187,15 +149,6 @@ def _passthrough_reason(control_net) -> str:
         return (f"its control model ({type(control_net.control_model).__name__}) is not a Stable Diffusion UNet "
                 f"encoder; LinFusion has weights only for SD-1.5 / SD-2.x / SD-XL UNet self-attention")
     return ""
-
-
-def _operations_and_dtype(control_net):
-    # The ops and dtype ComfyUI picked for this ControlNet, so the new layers cast and offload like its own.
-    dtype = control_net.control_model.dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = control_net.manual_cast_dtype or torch.float16
-    ops = comfy.ops.manual_cast if control_net.manual_cast_dtype is not None else comfy.ops.disable_weight_init
-    return ops, dtype
 
 
 def apply_linfusion_controlnet(control_net, ckpt: LinFusionCheckpoint):
@@ -219,51 +172,17 @@ def apply_linfusion_controlnet(control_net, ckpt: LinFusionCheckpoint):
     n_enc = len(encoder_attn1_layers(cldm))
     if not _families_fit(file_family, report.family):
         raise _mismatch(ckpt, report.family, n_enc)
-    found, report.skipped = map_encoder(ckpt, cldm, report.family)
-
-    src = control_net.control_model_wrapped
-    bases = {}
-    for lw, path, name in found:
-        base = src.get_model_object(path)
-        if isinstance(base, LinFusionAttention):  # applying again replaces the earlier LinFusion
-            base = base._base
-        width, heads = base.to_q.in_features, base.heads
-        if lw.dim != width or (lw.heads is not None and lw.heads != heads):
-            raise _mismatch(ckpt, report.family, n_enc,
-                            f"LinFusion layer {lw.index} ({name}) is {lw.dim} wide"
-                            + (f" with {lw.heads} heads" if lw.heads else "")
-                            + f", but the ControlNet's {path} is {width} wide with {heads} heads")
-        bases[path] = base
-
-    block_paths = {p[: -len(".attn1")] for _, p, _ in found}
-    for bpath in sorted(block_paths):
-        if getattr(src.get_model_object(bpath), "disable_self_attn", False):
-            report.skipped.append((f"{bpath}.attn1", "attn1 is cross-attention in this block (disable_self_attn)"))
-    found = [f for f in found if not getattr(src.get_model_object(f[1][: -len(".attn1")]), "disable_self_attn", False)]
-
-    ops, dtype = _operations_and_dtype(control_net)
+    # The ControlNet keeps its own attn1 projections (trained with it); only LinFusion's MLPs come from the file.
+    done = patch_self_attention(control_net.control_model_wrapped, ckpt, encoder_unet_config(cldm),
+                                f"this {report.family} ControlNet ({n_enc} self-attention layers in its encoder)",
+                                weight_dtype=cldm.dtype, manual_cast_dtype=control_net.manual_cast_dtype,
+                                only=_ENCODER_HEADS, use_file_projections=False, label_prefix="controlnet.")
+    report.patched, report.skipped = done.patched, done.skipped
     c = LinFusionControlNet(None, global_average_pooling=control_net.global_average_pooling,
                             load_device=control_net.load_device, manual_cast_dtype=control_net.manual_cast_dtype)
     c.control_model = cldm
-    c.control_model_wrapped = src.clone()
-    for path, obj in list(c.control_model_wrapped.object_patches.items()):
-        if isinstance(obj, (LinFusionAttention, TokenChunkedFeedForward)):  # an earlier LinFusion is replaced
-            del c.control_model_wrapped.object_patches[path]
+    c.control_model_wrapped = done.patcher
     control_net.copy_to(c)
-    extra_bytes = 0
-    for lw, path, name in found:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        # The ControlNet keeps its own attn1 projections (trained with it); only LinFusion's MLPs come from the file.
-        layer = build_layer(bases[path], lw, ops=ops, dtype=dtype, label=f"controlnet.{path}",
-                            use_file_projections=False)
-        extra_bytes += sum(p.numel() * p.element_size() for p in layer.linfusion.parameters())
-        c.control_model_wrapped.add_object_patch(path, layer)
-        report.patched.append((path, name, lw.index))
-    m = c.control_model_wrapped
-    chunk_feed_forwards(m, [path for _, path, _ in found])
-    lifecycle.attach(m)
-    if isinstance(getattr(m, "size", None), int) and m.size > 0:
-        m.size += extra_bytes
     c.linfusion_report = report
     log.info("LinFusion (ControlNet): %s -> %s", ckpt.path.name, report.summary())
     if report.skipped:

@@ -10,7 +10,7 @@ than half.
 
 Measured (see README, "Memory of a patched model"; ``benchmarks/bench_step_memory.py``): peak resident-memory
 growth of one UNet step (CPU, fp32, batch 1 and 2), via VmHWM reset through /proc/self/clear_refs: the SD-1.5
-UNet at 512x256 ... 4096x2048 px, the SD-XL UNet at 1024x512 ... 2048x2048 px. The straight line through the
+UNet at 512x256 ... 4096x2048 px, the SD-XL UNet at 1024x512 ... 2048x2048 px. The straight line (linfusion_core/families.py, ``Family.memory``) through the
 points of the regime an input falls in, scaled by the inference dtype size (fp16/bf16 activations take half of
 fp32) and by ``MARGIN``, is what ``install_memory_estimate`` reports.
 
@@ -24,37 +24,21 @@ from __future__ import annotations
 
 import math
 
-from ..linfusion_core.chunked import ATTENTION_LEVELS, FIRST_TRANSFORMER_LEVEL, is_chunked
+from ..linfusion_core.chunked import is_chunked
+from ..linfusion_core.families import BY_KEY, Family, by_config_class
 from ..linfusion_core.layer import runs_softmax
 
-# Bytes per latent pixel per batch row and a fixed part, fp32 activations, from the measured peaks
-# (least-squares line; see README). Keyed by ComfyUI model_config class name.
-# benchmarks/bench_step_memory.py prints the fit; results in benchmarks/results/step_memory_*_cpu.md.
-# "chunked": the line once the first transformer level's feed-forward runs in token chunks (see
-# linfusion_core/chunked.py; "first_transformer_level" = its channels and its area divisor against the latent).
-_SD15 = {"per_pixel": 38_000.0, "fixed": 120e6, "measured": "SD-1.5 UNet, CPU fp32, 512x256..1536x768",
-         "first_transformer_level": FIRST_TRANSFORMER_LEVEL["sd15"], "attention_levels": ATTENTION_LEVELS["sd15"],
-         "chunked": {"per_pixel": 16_100.0, "fixed": 360e6, "measured": "SD-1.5 UNet, CPU fp32, 2048x1024..4096x2048"}}
-# SD-XL was measured before feed-forward chunking (1024x512..2048x2048): above the chunking threshold (2048x2048 at
-# batch 1) this line over-estimates; no "chunked" line measured yet.
-_SDXL = {"per_pixel": 21_300.0, "fixed": 152e6, "measured": "SD-XL UNet, CPU fp32, 1024x512..2048x2048",
-         "attention_levels": ATTENTION_LEVELS["sdxl"]}
-MEASURED = {
-    "SD15": _SD15,
-    # Same UNet widths and depths as SD-1.5 (only head sizes and linear proj_in/out differ); not measured apart.
-    "SD20": _SD15, "SD21UnclipL": _SD15, "SD21UnclipH": _SD15,
-    "SDXL": _SDXL,
-}
 MARGIN = 1.25  # allocator slack and variation between back-ends
 
 
-def linear_estimate(input_shape, dtype_size: int = 4, coeff: dict = _SD15, margin: float = MARGIN) -> float:
-    """``(per_pixel x latent px x batch x dtype_size/4 + fixed) x margin``, with the coefficients of the regime
-    the input falls in: once the first transformer level's feed-forward runs in token chunks
-    (linfusion_core/chunked.py), the family's "chunked" line where one was measured."""
+def linear_estimate(input_shape, dtype_size: int = 4, family: Family = BY_KEY["sd15"], margin: float = MARGIN) -> float:
+    """``(per_pixel x latent px x batch x dtype_size/4 + fixed) x margin``, with the family's measured coefficients
+    (linfusion_core/families.py) of the regime the input falls in: once the first transformer level's feed-forward
+    runs in token chunks (linfusion_core/chunked.py), the "chunked" line where one was measured."""
     batch, pixels = input_shape[0], math.prod(input_shape[2:])
+    coeff = family.memory
     if "chunked" in coeff:
-        channels, area_divisor = coeff["first_transformer_level"]
+        channels, area_divisor = family.first_transformer_level
         if is_chunked(batch, pixels // area_divisor, channels):
             coeff = coeff["chunked"]
     return (coeff["per_pixel"] * batch * pixels * dtype_size / 4.0 + coeff["fixed"]) * margin
@@ -71,23 +55,23 @@ def _dtype_size(base_model) -> int:
         return 4
 
 
-def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, coefficients: dict | None = None):
+def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, family: Family | None = None):
     """``memory_required(input_shape, cond_shapes={})`` for a LinFusion-patched ``model_patcher``, or None for
     families without a measurement (they keep ComfyUI's own estimate)."""
     base = model_patcher.model
-    coeff = coefficients or MEASURED.get(type(base.model_config).__name__)
-    if coeff is None:
+    family = family or by_config_class(type(base.model_config).__name__)
+    if family is None or family.memory is None:
         return None
     stock = type(base).memory_required.__get__(base)  # the class's own method, whatever is patched in now
     threshold = int(softmax_below_tokens or 0)
 
-    levels = coeff.get("attention_levels", (1,))
+    levels = family.attention_levels
 
     def memory_required(input_shape, cond_shapes={}):
         soft = softmax_tokens(input_shape, threshold, levels)
         if soft and soft[0] == math.prod(input_shape[2:]) // levels[0]:
             return stock(input_shape, cond_shapes=cond_shapes)  # the largest level too: a stock UNet
-        est = linear_estimate(input_shape, _dtype_size(base), coeff)
+        est = linear_estimate(input_shape, _dtype_size(base), family)
         if soft:
             # The largest level left on softmax, at ComfyUI's stock rate for a UNet whose first attention level
             # has that many tokens (one layer's attention temporaries live at a time).
@@ -97,7 +81,7 @@ def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, coeff
     return memory_required
 
 
-def softmax_tokens(input_shape, softmax_below_tokens: int, levels=ATTENTION_LEVELS["sd15"]) -> list:
+def softmax_tokens(input_shape, softmax_below_tokens: int, levels=BY_KEY["sd15"].attention_levels) -> list:
     """Token counts of the attention levels that keep softmax for a latent of ``input_shape``, largest first."""
     pixels = math.prod(input_shape[2:])
     return [pixels // d for d in levels if runs_softmax(pixels // d, softmax_below_tokens)]
@@ -119,13 +103,13 @@ def preload_with_estimate(executor, model, noise_shape, conds, *args, **kwargs):
     return executor(model, noise_shape, conds, *args, **kwargs)
 
 
-def install_memory_estimate(model_patcher, softmax_below_tokens: int = 0, coefficients: dict | None = None):
+def install_memory_estimate(model_patcher, softmax_below_tokens: int = 0, family: Family | None = None):
     """Make ``model_patcher`` (a patched clone) report LinFusion's measured linear memory: an object patch
     "memory_required" with the signature ``(input_shape, cond_shapes={})``; the clone's PREPARE_SAMPLING wrapper
     (``preload_with_estimate``) makes the pre-load estimate that one too. Families without a measurement keep
     ComfyUI's own estimate. Levels that keep softmax (``runs_softmax`` with ``softmax_below_tokens``) add the
     stock figure for the largest of them; when the first level does, the whole estimate is the stock one."""
-    fn = memory_estimate_function(model_patcher, softmax_below_tokens, coefficients)
+    fn = memory_estimate_function(model_patcher, softmax_below_tokens, family)
     if fn is not None:
         model_patcher.add_object_patch("memory_required", fn)
     return model_patcher

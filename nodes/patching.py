@@ -1,96 +1,94 @@
-"""Applying a LinFusion checkpoint to a ComfyUI model: clone, then one object patch per self-attention layer."""
+"""The one place where a ComfyUI model gets LinFusion: ``patch_self_attention`` clones a ModelPatcher (a UNet's or a
+ControlNet's) and gives the clone one object patch per self-attention layer, plus the chunked feed-forwards beside
+them. ``apply_linfusion`` (the UNet) and nodes/controlnet.py (a ControlNet's encoder) are thin callers."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.ops
 import comfy.utils
 import torch
 
-from ..linfusion_core.checkpoint import LinFusionCheckpoint, LinFusionFileError
+from ..linfusion_core.checkpoint import LinFusionCheckpoint
 from ..linfusion_core.chunked import TokenChunkedFeedForward, unwrap
+from ..linfusion_core.families import by_config_class
 from ..linfusion_core.layer import LinFusionAttention, build_layer
-from ..linfusion_core.mapping import check_widths, layer_map
+from ..linfusion_core.mapping import check_widths, diffusers_attn1_layers, map_layers
 from . import lifecycle
 from .memory import install_memory_estimate
 
 log = logging.getLogger("LinFusion")
 
-FAMILY_NAMES = {"SD15": "SD-1.5", "SD20": "SD-2.x", "SD21UnclipL": "SD-2.1 unCLIP", "SD21UnclipH": "SD-2.1 unCLIP",
-                "SDXL": "SD-XL", "SDXLRefiner": "SD-XL refiner", "SSD1B": "SSD-1B", "Segmind_Vega": "Segmind Vega",
-                "KOALA_700M": "KOALA-700M", "KOALA_1B": "KOALA-1B", "SD_X4Upscaler": "SD x4 upscaler"}
+
+@dataclass
+class Patched:
+    """What ``patch_self_attention`` made: the patched clone, the layers it patched and those it left alone."""
+    patcher: object
+    patched: list = field(default_factory=list)   # [(ComfyUI path, diffusers name, LinFusion layer index)]
+    skipped: list = field(default_factory=list)   # [(ComfyUI path, reason)]
 
 
-def model_family(model) -> str:
-    cfg = model.model.model_config
-    return FAMILY_NAMES.get(type(cfg).__name__, type(cfg).__name__)
-
-
-def _weight_dtype(model) -> torch.dtype:
-    dtype = model.model.get_dtype()
+def operations_and_dtype(weight_dtype: torch.dtype, manual_cast_dtype):
+    """The operation classes and dtype ComfyUI picked for a model stored in ``weight_dtype`` (manual casting or
+    not), so that LinFusion's layers load, offload and cast like the rest of it (lowvram streaming, fp8 storage)."""
+    dtype = weight_dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        # fp8-stored UNets compute in their manual-cast dtype; LinFusion's small layers keep that precision.
-        dtype = model.model.manual_cast_dtype or torch.float16
-    return dtype
+        # fp8-stored models compute in their manual-cast dtype; LinFusion's small layers keep that precision.
+        dtype = manual_cast_dtype or torch.float16
+    ops = comfy.ops.manual_cast if manual_cast_dtype is not None else comfy.ops.disable_weight_init
+    return ops, dtype
 
 
-def _operations(model):
-    # The same operation classes ComfyUI would pick for this model, so the new layers load, offload and
-    # cast like the rest of it (lowvram streaming, manual casting).
-    if model.model.manual_cast_dtype is not None:
-        return comfy.ops.manual_cast
-    return comfy.ops.disable_weight_init
+def patch_self_attention(patcher, ckpt: LinFusionCheckpoint, unet_config: dict, model_desc: str, *,
+                         weight_dtype: torch.dtype, manual_cast_dtype=None, prefix: str = "", only=None,
+                         softmax_below_tokens: int = 0, use_file_projections: bool = True,
+                         label_prefix: str = "") -> Patched:
+    """A clone of ``patcher`` whose self-attention layers run LinFusion with the weights of ``ckpt``.
 
-
-def unet_config(model) -> dict:
-    return model.model.model_config.unet_config
-
-
-def attn1_modules(model) -> dict:
-    """{ComfyUI path under diffusion_model: module} for every self-attention layer, object patches considered."""
-    d2c = comfy.utils.unet_to_diffusers(unet_config(model))
-    paths = sorted({ck[: -len(".to_q.weight")] for dk, ck in d2c.items() if dk.endswith(".attn1.to_q.weight")})
-    return {p: model.get_model_object(f"diffusion_model.{p}") for p in paths}
-
-
-def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int = 0):
-    """A clone of ``model`` with every attn1 replaced by LinFusion. Raises LinFusionFileError (model untouched)."""
-    family = model_family(model)
-    desc = f"the {family} model"
-    d2c = comfy.utils.unet_to_diffusers(unet_config(model))
-    mapped = layer_map(ckpt, d2c, desc)
+    ``unet_config``: the UNet configuration the module tree under ``prefix`` was built from (for a ControlNet, the
+    UNet its encoder mirrors), which gives the diffusers names the file's layers map to; ``only``: diffusers name
+    prefixes to patch (None: the whole UNet, which must match the file layer for layer). Checks every width before
+    anything is built, and raises LinFusionFileError naming the file and the layer; ``patcher`` is never changed.
+    An earlier LinFusion on ``patcher`` is replaced. Layers whose attn1 is cross-attention (``disable_self_attn``)
+    are left alone. The clone's ``size`` counts the new weights; its feed-forwards beside the patched layers run in
+    token chunks (exact); ``lifecycle.attach`` gives it the hooks that keep it correct under DynamicVRAM, multi-GPU
+    and LoRAs."""
+    d2c = comfy.utils.unet_to_diffusers(unet_config)
+    found, skipped = map_layers(ckpt, d2c, model_desc, only)
     bases = {}
-    for _, path in mapped:
-        base = model.get_model_object(f"diffusion_model.{path}")
-        if isinstance(base, LinFusionAttention):  # applying LinFusion again replaces the earlier one
-            base = base._base
-        bases[path] = base
-    widths = {p: b.to_q.in_features for p, b in bases.items()}
-    heads = {p: b.heads for p, b in bases.items()}
-    check_widths(ckpt, mapped, widths, heads, desc)
-    for what in lifecycle.bypasses(model.model_options):
-        log.warning("LinFusion: the model given to Apply LinFusion already has %s.", what)
+    for _, path, _ in found:
+        base = patcher.get_model_object(prefix + path)
+        bases[path] = base._base if isinstance(base, LinFusionAttention) else base  # a second Apply replaces
+    check_widths(ckpt, found, {p: b.to_q.in_features for p, b in bases.items()},
+                 {p: b.heads for p, b in bases.items()}, model_desc)
+    cross = {p for p in bases if getattr(patcher.get_model_object(prefix + p[: -len(".attn1")]), "disable_self_attn",
+                                         False)}
+    skipped += [(f"{p}", "attn1 is cross-attention in this block (disable_self_attn)") for p in sorted(cross)]
+    found = [f for f in found if f[1] not in cross]
 
-    ops, dtype = _operations(model), _weight_dtype(model)
-    m = model.clone()
-    pbar = comfy.utils.ProgressBar(len(mapped))
+    ops, dtype = operations_and_dtype(weight_dtype, manual_cast_dtype)
+    m = patcher.clone()
+    for key, obj in list(m.object_patches.items()):
+        if isinstance(obj, lifecycle.OUR_TYPES):  # an earlier LinFusion is replaced, not stacked
+            del m.object_patches[key]
+    out = Patched(m, skipped=skipped)
+    pbar = comfy.utils.ProgressBar(len(found))
     extra_bytes = 0
-    for lw, path in mapped:
+    for lw, path, name in found:
         comfy.model_management.throw_exception_if_processing_interrupted()
         layer = build_layer(bases[path], lw, ops=ops, dtype=dtype, softmax_below_tokens=softmax_below_tokens,
-                            label=path)
+                            label=label_prefix + path, use_file_projections=use_file_projections)
         extra_bytes += sum(p.numel() * p.element_size() for p in layer.linfusion.parameters())
-        m.add_object_patch(f"diffusion_model.{path}", layer)
+        m.add_object_patch(prefix + path, layer)
+        out.patched.append((path, name, lw.index))
         pbar.update(1)
-    if hasattr(m, "size") and isinstance(m.size, int) and m.size > 0:
+    if isinstance(getattr(m, "size", None), int) and m.size > 0:
         m.size += extra_bytes
-    chunk_feed_forwards(m, [f"diffusion_model.{path}" for _, path in mapped])
-    install_memory_estimate(m, softmax_below_tokens)
+    chunk_feed_forwards(m, [prefix + path for _, path, _ in found])
     lifecycle.attach(m)
-    log.info("LinFusion: %s -> %d self-attention layers of the %s model (%s)", ckpt.path.name, len(mapped), family,
-             "own projections" if mapped[0][0].has_projections else "base projections")
-    return m
+    return out
 
 
 def chunk_feed_forwards(model, attn1_keys) -> int:
@@ -107,3 +105,41 @@ def chunk_feed_forwards(model, attn1_keys) -> int:
         model.add_object_patch(key, TokenChunkedFeedForward(ff))
         n += 1
     return n
+
+
+# -- the UNet -----------------------------------------------------------------------------------------------------
+
+def model_family(model) -> str:
+    name = type(model.model.model_config).__name__
+    family = by_config_class(name)
+    return family.name if family else name
+
+
+def unet_config(model) -> dict:
+    return model.model.model_config.unet_config
+
+
+def attn1_modules(model) -> dict:
+    """{ComfyUI path under diffusion_model: module} for every self-attention layer, object patches considered."""
+    paths = sorted(diffusers_attn1_layers(comfy.utils.unet_to_diffusers(unet_config(model))).values())
+    return {p: model.get_model_object(f"diffusion_model.{p}") for p in paths}
+
+
+def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int = 0):
+    """A clone of ``model`` with every attn1 replaced by LinFusion. Raises LinFusionFileError (model untouched)."""
+    family = model_family(model)
+    done = patch_self_attention(model, ckpt, unet_config(model), f"the {family} model",
+                                weight_dtype=model.model.get_dtype(),
+                                manual_cast_dtype=model.model.manual_cast_dtype, prefix="diffusion_model.",
+                                softmax_below_tokens=softmax_below_tokens)
+    m = done.patcher
+    install_memory_estimate(m, softmax_below_tokens)
+    for what in lifecycle.bypasses(model.model_options):
+        log.warning("LinFusion: the model given to Apply LinFusion already has %s.", what)
+    if done.skipped:
+        log.warning("LinFusion: %d self-attention layer(s) keep softmax attention: %s", len(done.skipped),
+                    "; ".join(f"{p} ({why})" for p, why in done.skipped))
+    has_proj = any(lw.has_projections for lw in ckpt.layers)
+    log.info("LinFusion: %s -> %d self-attention layers of the %s model (%s)", ckpt.path.name, len(done.patched),
+             family, "own projections" if has_proj else "base projections")
+    return m

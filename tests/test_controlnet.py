@@ -125,7 +125,7 @@ def test_node_is_registered_with_tooltips(pack):
 # -- SD-1.5 ControlNets in both layouts -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", controlnet_fixtures.LAYOUTS)
-def test_sd15_controlnet_patched_and_original_unchanged(cn, lf, sd15_cn, layout):
+def test_sd15_controlnet_patched_and_original_unchanged(cn, lf, sd15_cn, layout, pack):
     import comfy.controlnet
     net = sd15_cn if layout == "original" else _load("sd15", layout)
     stock = _residuals(net)
@@ -146,14 +146,14 @@ def test_sd15_controlnet_patched_and_original_unchanged(cn, lf, sd15_cn, layout)
     patched = _residuals(patched_net)
     _assert_differ_and_finite(stock, patched)
     # while the patched copy is loaded, its cldm module runs LinFusion
-    assert isinstance(_attn1(patched_net, rep.patched[0][0]), cn.LinFusionAttention)
+    assert isinstance(_attn1(patched_net, rep.patched[0][0]), pack.linfusion_core.layer.LinFusionAttention)
 
     # the given ControlNet: same class, no patches, same outputs (ComfyUI unpatches the shared module)
     assert type(net) is comfy.controlnet.ControlNet and not net.control_model_wrapped.object_patches
     assert net.control_model_wrapped is not patched_net.control_model_wrapped
     again = _residuals(net)
     assert all(torch.equal(a, b) for a, b in zip(stock, again))
-    assert not isinstance(_attn1(net, rep.patched[0][0]), cn.LinFusionAttention)
+    assert not isinstance(_attn1(net, rep.patched[0][0]), pack.linfusion_core.layer.LinFusionAttention)
 
     # copies (what ControlNetApplyAdvanced makes) stay patched; strength and the percent range still apply
     copy = patched_net.copy()

@@ -400,8 +400,9 @@ def test_one_definition_of_tokens(ctx, lf, pack):
             object.__setattr__(layer, "_base", spy)
     x, c = _inputs(0, hw=32)  # 1024 latent px: the levels see 1024, 256, 64 and 16 tokens
     run_unet(m, x, c)
-    levels = memory.MEASURED["SD15"]["attention_levels"]
+    sd15 = pack.linfusion_core.families.BY_KEY["sd15"]
+    levels = sd15.attention_levels
     assert seen and seen == set(memory.softmax_tokens(x.shape, thr, levels))
-    linear = memory.linear_estimate(list(x.shape), memory._dtype_size(m.model), memory.MEASURED["SD15"])
+    linear = memory.linear_estimate(list(x.shape), memory._dtype_size(m.model), sd15)
     assert m.object_patches["memory_required"](list(x.shape)) > linear
     assert memory.softmax_tokens(x.shape, 0, levels) == []
