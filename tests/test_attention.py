@@ -339,7 +339,7 @@ _TRITON_COMPILE_SCRIPT = textwrap.dedent(
         from triton.compiler import ASTSource
     except Exception as e:
         print(json.dumps({"skip": "triton's compiler is not importable: %r" % (e,)})); sys.exit(0)
-    from linfusion_core import attention as A
+    from linfusion_core.attention import fused_triton as A
 
     _, kv_kernel, apply_kernel = A._build_triton_kernels()
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
