@@ -12,7 +12,7 @@ from ..linfusion_core.checkpoint import LinFusionCheckpoint, LinFusionFileError
 from ..linfusion_core.chunked import TokenChunkedFeedForward, unwrap
 from ..linfusion_core.layer import LinFusionAttention, build_layer
 from ..linfusion_core.mapping import check_widths, layer_map
-from . import lifecycle
+from . import lifecycle, lowmem
 from .memory import install_memory_estimate
 
 log = logging.getLogger("LinFusion")
@@ -54,8 +54,10 @@ def attn1_modules(model) -> dict:
     return {p: model.get_model_object(f"diffusion_model.{p}") for p in paths}
 
 
-def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int = 0):
-    """A clone of ``model`` with every attn1 replaced by LinFusion. Raises LinFusionFileError (model untouched)."""
+def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int = 0, low_memory: str = "auto"):
+    """A clone of ``model`` with every attn1 replaced by LinFusion. Raises LinFusionFileError (model untouched).
+    ``low_memory``: "auto", "on" or "off", the low-memory mode (nodes/lowmem.py)."""
+    low_memory = lowmem.normalize_mode(low_memory)
     family = model_family(model)
     desc = f"the {family} model"
     d2c = comfy.utils.unet_to_diffusers(unet_config(model))
@@ -86,7 +88,8 @@ def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int 
     if hasattr(m, "size") and isinstance(m.size, int) and m.size > 0:
         m.size += extra_bytes
     chunk_feed_forwards(m, [f"diffusion_model.{path}" for _, path in mapped])
-    install_memory_estimate(m, softmax_below_tokens)
+    lowmem.install(m, low_memory)
+    install_memory_estimate(m, softmax_below_tokens, low_memory=low_memory)
     lifecycle.attach(m)
     log.info("LinFusion: %s -> %d self-attention layers of the %s model (%s)", ckpt.path.name, len(mapped), family,
              "own projections" if mapped[0][0].has_projections else "base projections")
