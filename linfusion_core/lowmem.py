@@ -3,9 +3,9 @@ attention is linear, and how to take it out without changing a number.
 
 - ``SkipParking``: the UNet's skip list holds every input block's output until the decoder uses it (SD-XL 16K,
   latent 2048x1024: about 7 GB in fp16 at batch 1). Each skip is parked in host memory when it is stored and
-  brought back, last in first out, when the decoder pops it. On CUDA the copies go through pinned memory on a
-  side stream, so the device-to-host copy overlaps the next block and the next skip is prefetched while the
-  current output block runs; elsewhere (CPU, MPS, XPU) they are plain synchronous copies. Copies are exact.
+  brought back, last in first out, when the decoder pops it. On CUDA the copies go through pinned memory, the
+  device-to-host copy on a side stream overlapping the next block, the copy back queued asynchronously (an
+  optional prefetch on the side stream); elsewhere (CPU, MPS, XPU) they are plain synchronous copies. Exact.
 - ``group_norm_silu``: a ResBlock's ``GroupNorm -> SiLU`` at full size makes two temporaries as large as its
   input (the normalised tensor and its activation). Here the output is written chunk by chunk into one tensor,
   SiLU in place on each fresh chunk. GroupNorm's statistics must cover a whole group, so chunks are either whole
@@ -164,18 +164,23 @@ class SkipParking:
 
     ``park(t)`` returns the host copy (what the skip list should hold); ``fetch(host)`` returns a device copy of
     the most recently parked tensor still parked, which must be ``host``; any other tensor is simply moved to the
-    device (a patch of another pack may have replaced the skip). On CUDA the device-to-host copy runs on a side
-    stream into pinned memory (the caller's stream goes on), and ``fetch`` starts copying the next skip back
-    while the caller works on this one. ``host_alloc(shape, dtype)`` chooses where host copies live (tests and
-    the CPU measurement give a pre-allocated pool)."""
+    device (a patch of another pack may have replaced the skip). ``host_alloc(shape, dtype)`` chooses where host
+    copies live (the CPU measurement gives a pre-allocated pool).
 
-    def __init__(self, device, host_alloc=None, prefetch: bool = True):
+    On CUDA the device-to-host copy runs on a side stream into pinned memory while the caller's stream goes on
+    with the next block (the skip's device memory is released to the caching allocator only once the copy is
+    done: ``record_stream``). The copy back is an asynchronous pinned copy on the caller's stream, queued when the
+    output block starts; ``prefetch=True`` instead starts copying the next skip back on the side stream as soon as
+    one is fetched, which hides that copy too but holds one more skip on the device during the block, and at the
+    first level, where a step peaks, that is a full-resolution skip: off by default."""
+
+    def __init__(self, device, host_alloc=None, prefetch: bool = False):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.host_alloc = host_alloc or (_pinned_empty if self.cuda else _plain_empty)
         self.prefetch = prefetch and self.cuda
-        self._stack = []  # [host, parked_event, device_copy, ready_event]
+        self._stack = []  # [host, parked_event, prefetched device copy, its ready event]
         self.parked_bytes = 0
         self.peak_parked_bytes = 0
 
@@ -197,35 +202,35 @@ class SkipParking:
         self.peak_parked_bytes = max(self.peak_parked_bytes, self.parked_bytes)
         return host
 
-    def _start_fetch(self, entry):
-        host, parked, dev, _ = entry
-        if dev is not None:
-            return
-        if self.cuda:
-            with torch.cuda.stream(self.stream):
-                if parked is not None:
-                    self.stream.wait_event(parked)
-                dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-                dev.copy_(host, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self.stream)
-            entry[2], entry[3] = dev, ready
-        else:
-            entry[2] = host.to(self.device, copy=True)
+    def _prefetch(self, entry):
+        host, parked = entry[0], entry[1]
+        with torch.cuda.stream(self.stream):
+            if parked is not None:
+                self.stream.wait_event(parked)
+            dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            dev.copy_(host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        entry[2], entry[3] = dev, ready
 
     def fetch(self, host: torch.Tensor) -> torch.Tensor:
         if not self._stack or self._stack[-1][0] is not host:
             return host.to(self.device)  # not ours (or out of order): a plain move
         entry = self._stack.pop()
         self.parked_bytes -= host.numel() * host.element_size()
-        self._start_fetch(entry)
-        dev = entry[2]
-        if self.cuda:
-            cur = torch.cuda.current_stream(self.device)
+        if not self.cuda:
+            return host.to(self.device, copy=True)
+        cur = torch.cuda.current_stream(self.device)
+        if entry[2] is not None:  # prefetched on the side stream
             cur.wait_event(entry[3])
-            dev.record_stream(cur)  # allocated on the side stream, used on the caller's
-            if self.prefetch and self._stack:
-                self._start_fetch(self._stack[-1])
+            dev = entry[2]
+            dev.record_stream(cur)
+        else:
+            if entry[1] is not None:
+                cur.wait_event(entry[1])  # the copy out has finished
+            dev = host.to(self.device, non_blocking=True)
+        if self.prefetch and self._stack and self._stack[-1][2] is None:
+            self._prefetch(self._stack[-1])
         return dev
 
     def __len__(self):

@@ -8,7 +8,6 @@ its CUDA-only parts (pinned memory, the side stream, the events, the prefetch) a
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
