@@ -61,7 +61,7 @@ class HostPool:
 
 
 def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: int = 0,
-            check_sampling: bool = False, low_memory: str = "off") -> dict:
+            check_sampling: bool = False, low_memory: str = "off", ff_chunk_elements: int | None = None) -> dict:
     from .host import host_info, import_pack
     from .peakmem import PeakRSS
     from . import fixtures
@@ -80,6 +80,10 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
     if lf is not None:
         ck = pack.linfusion_core.checkpoint.load_checkpoint(lf)
         m = pack.nodes.patching.apply_linfusion(m, ck, threshold, low_memory)
+        if ff_chunk_elements:  # chunk the feed-forwards at sizes below the usual threshold (every FF is chunked at 16K)
+            for obj in m.object_patches.values():
+                if isinstance(obj, pack.linfusion_core.chunked.TokenChunkedFeedForward):
+                    obj.chunk_elements = int(ff_chunk_elements)
     mm.load_models_gpu([m])
     import comfy.patcher_extension as pe
     options = dict(m.model_options.get("transformer_options", {}))
@@ -115,6 +119,7 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
                         "seconds": secs, "parked": pool.high if pool else 0,
                         "stock_formula": stock_required(shape), "model_estimate": m.model.memory_required(shape)})
     res = {"family": family, "config": config, "low_memory": low_memory, "weights_bytes": int(m.model_size()),
+           "ff_chunk_elements": ff_chunk_elements,
            "model_config": type(m.model.model_config).__name__,
            "dtype": str(m.model.get_dtype()).replace("torch.", ""), "threads": torch.get_num_threads(),
            "sizes": out}
@@ -166,10 +171,12 @@ def main(argv=None):
     ap.add_argument("--check-sampling", action="store_true")
     ap.add_argument("--low-memory", choices=["off", "on", "auto"], default="off",
                     help="ApplyLinFusion's low_memory (nodes/lowmem.py)")
+    ap.add_argument("--ff-chunk-elements", type=int,
+                    help="run the patched feed-forwards in chunks of this many elements (default: the pack's)")
     a = ap.parse_args(argv)
     sizes = [[int(v) for v in s.lower().split("x")] for s in a.sizes]
-    print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling, a.low_memory)),
-          flush=True)
+    print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling, a.low_memory,
+                             a.ff_chunk_elements)), flush=True)
 
 
 if __name__ == "__main__":
