@@ -15,6 +15,10 @@ Sections (each in its own Python process, killed at its time limit; what it meas
              floor). Time and torch.cuda.max_memory_allocated. Stock is skipped where ComfyUI's own memory formula
              says it cannot fit or its time, extrapolated quadratically, would not fit the budget (and it says
              which); an out-of-memory error is caught and recorded.
+  lowmem     the low-memory mode (nodes/lowmem.py, issue 13): one step of the SD-XL 16K stage (16384×8192 px,
+             batch 1, fp16, an in-memory SD-XL stand-in) with LinFusion, without and with the mode: time and peak
+             torch.cuda.max_memory_allocated with the weights resident, against 16 GB (benchmarks/gpu_lowmem.py;
+             the dry run: SD-1.5 at 64×64 px).
   chain      workflows/linfusion_sd15_16k.json at full size (1024×512 → … → 16384×8192), in-process through
              ComfyUI's executor (execution.PromptExecutor, this pack loaded as a custom node by
              nodes.init_extra_nodes) from the API prompt made beforehand by the real frontend
@@ -65,6 +69,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import gpu_lowmem  # noqa: E402  (the low-memory rows, issue 13)
 API_PROMPT = BENCH / "sd15_16k_api.json"
 RESULTS = BENCH / "results"
 CARRY = REPO / ".gpu-carry"
@@ -105,7 +111,8 @@ GPU_CONFIG = {
              "configs": ["stock", "linfusion", "no-self-attn"], "stock_max_latent_px": None, "max_reps": 3,
              "target_s": 1.5, "warmup": True},
     "chain": {"stages": 5, "steps": 2, "scale": 1.0},
-    "shares": {"attention": 0.15, "unet": 0.25},  # at most; the chain (slowest, 16K) gets the rest
+    "lowmem": gpu_lowmem.GPU,
+    "shares": {"attention": 0.15, "unet": 0.25, "lowmem": 0.2},  # at most; the chain (slowest, 16K) gets the rest
     "budget": 480.0,
 }
 DRY_CONFIG = {
@@ -116,7 +123,8 @@ DRY_CONFIG = {
     "unet": {"sizes": [[64, 64]], "batch": 2, "configs": ["stock", "linfusion", "no-self-attn"],
              "stock_max_latent_px": None, "max_reps": 1, "target_s": 0.0, "warmup": False},
     "chain": {"stages": 2, "steps": 1, "scale": 1 / 16},
-    "shares": {"attention": 0.25, "unet": 0.4},
+    "lowmem": gpu_lowmem.DRY,
+    "shares": {"attention": 0.25, "unet": 0.4, "lowmem": 0.15},
     # Generous: on a shared 2-core machine one tiny UNet call can take minutes when memory is short; the time
     # guards themselves are tested apart (tests/test_gpu_check.py).
     "budget": 1500.0,
@@ -987,7 +995,8 @@ def install_import_blocker() -> list:
     return sorted(blocked)
 
 
-CHILDREN = {"attention": child_attention, "unet": child_unet, "chain": child_chain, "prepare": child_prepare}
+CHILDREN = {"attention": child_attention, "unet": child_unet, "chain": child_chain, "prepare": child_prepare,
+            "lowmem": lambda spec, rec: gpu_lowmem.child_lowmem(spec, rec, sys.modules[__name__])}
 
 
 def child_main(section: str, spec_path: Path, out: Path) -> int:
@@ -995,7 +1004,7 @@ def child_main(section: str, spec_path: Path, out: Path) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for the stacks before a kill
     if os.environ.get("GPU_CHECK_STACKS"):  # debugging: every thread's stack every N seconds
         faulthandler.dump_traceback_later(float(os.environ["GPU_CHECK_STACKS"]), repeat=True)
-    if section in ("unet", "chain"):  # ComfyUI's own INFO lines (model loads, DynamicVRAM) go into the log
+    if section in ("unet", "chain", "lowmem"):  # ComfyUI's own INFO lines (model loads, DynamicVRAM) go into the log
         import logging
         logging.basicConfig(level=logging.INFO, format="  [comfy] %(levelname)s %(message)s")
     spec = json.loads(Path(spec_path).read_text())
@@ -1139,8 +1148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU dry run at tiny sizes (what the test suite runs)")
     ap.add_argument("--comfyui", help="ComfyUI tree (default: COMFYUI_PATH, else .gpu-carry/comfyui)")
     ap.add_argument("--budget", type=float, help="seconds for the whole check (default 480 on a GPU)")
-    ap.add_argument("--sections", nargs="+", default=["attention", "unet", "chain"],
-                    choices=["attention", "unet", "chain"])
+    ap.add_argument("--sections", nargs="+", default=["attention", "unet", "lowmem", "chain"],
+                    choices=["attention", "unet", "lowmem", "chain"])
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the .json and .md go")
     ap.add_argument("--work", type=Path, help="scratch folder (base dir, images, parts; default: a temp folder)")
     ap.add_argument("--fixtures-dir", type=Path,
@@ -1203,7 +1212,7 @@ def main(argv=None) -> int:
     def share(name):
         return min(deadline, time.time() + budget * config["shares"][name])
 
-    need_models = any(s in args.sections for s in ("unet", "chain"))
+    need_models = any(s in args.sections for s in ("unet", "lowmem", "chain"))
     prep = None
     if need_models:  # stand-in weights, in the background while the attention section runs
         prep = Child("prepare", dict(common, deadline=deadline), work,
@@ -1222,7 +1231,7 @@ def main(argv=None) -> int:
             models = {"ckpt_path": p["ckpt_path"], "linfusion_path": p["linfusion_path"]}
         else:
             log(f"stand-in weights failed: {p.get('error')}\n{(work / 'prepare.log').read_text()[-3000:]}")
-    for section in ("unet", "chain"):
+    for section in ("unet", "lowmem", "chain"):
         if section not in args.sections:
             continue
         if not models:
@@ -1235,11 +1244,11 @@ def main(argv=None) -> int:
                                            "error": f"time budget spent ({left:.0f} s left)"}
             continue
         log(f"section {section}")
-        if section == "unet":
-            until = share("unet")
-            report["sections"]["unet"] = Child(
-                "unet", dict(common, **models, cfg=config["unet"], deadline=until), work,
-                child_env(args.dry, comfyui, "unet", args.emulate_gpu_image)).wait(until + 20)
+        if section in ("unet", "lowmem"):
+            until = share(section)
+            report["sections"][section] = Child(
+                section, dict(common, **models, cfg=config[section], deadline=until), work,
+                child_env(args.dry, comfyui, section, args.emulate_gpu_image)).wait(until + 20)
             write_report(report, args, t_start)
         else:
             until = deadline - 10
@@ -1358,6 +1367,7 @@ def markdown(rep: dict) -> str:
                      f"{_gib(r.get('peak_bytes'))} | {_gib(r.get('comfy_formula_bytes'))} | "
                      f"{_gib(r.get('estimate_bytes'))} |")
         L += _skips(u)
+    L += gpu_lowmem.markdown(secs.get("lowmem"), _gib)
     for key in ("chain", "chain_classic"):
         c = secs.get(key)
         if not c or c.get("status") == "not run":

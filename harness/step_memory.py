@@ -4,18 +4,26 @@ estimate in ``nodes/memory.py`` (used by ``benchmarks/bench_step_memory.py`` and
 Run with the host Python from the repository root; prints one JSON line:
 
     python -m harness.step_memory --family sdxl --config linfusion --sizes 1024x1024 2048x1024
+    python -m harness.step_memory --family sdxl --config linfusion --low-memory on --sizes 2048x1024
 
 For each size (in the order given, one process) it runs one ``apply_model`` of the generated true-size UNet
 (``fixtures.ensure(f"{family}-unet")``, computed in fp32 on CPU) and reports the growth of the process's peak RSS
 (VmHWM reset through /proc/self/clear_refs) with ComfyUI's stock ``memory_required`` and the patched model's.
 An allocator keeps freed pages, so a size measured after a larger one under-reads: give sizes in increasing
 order, or one size per process (what the benchmark does).
+
+``--low-memory on`` runs the patched model in its low-memory mode (nodes/lowmem.py). On a GPU the parked skips
+sit in host memory, outside the device; on this CPU they would sit in the same RAM as everything else, so they
+go into a host pool allocated and touched *before* the peak is reset (sized from the UNet's skip list), and the
+peak growth is what the step keeps besides them: what the GPU would hold. The step runs with the patcher's
+wrappers merged into transformer_options, as ComfyUI's sampler passes them.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,8 +40,28 @@ def linfusion_file(family: str, seed: int = 0) -> Path:
     return f
 
 
+class HostPool:
+    """Pre-touched host memory for parked skips (a bump allocator, reset per step)."""
+
+    def __init__(self, nbytes: int):
+        import torch
+        self.buf = torch.empty(int(nbytes) + 4096, dtype=torch.uint8).fill_(1)
+        self.offset = self.high = 0
+
+    def __call__(self, shape, dtype):
+        import math
+        import torch
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        start = (self.offset + 63) // 64 * 64
+        if start + n > self.buf.numel():
+            raise MemoryError("host pool too small for the parked skips")
+        self.offset = start + n
+        self.high = max(self.high, self.offset)
+        return self.buf[start:start + n].view(dtype).view(shape)
+
+
 def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: int = 0,
-            check_sampling: bool = False) -> dict:
+            check_sampling: bool = False, low_memory: str = "off", ff_chunk_elements: int | None = None) -> dict:
     from .host import host_info, import_pack
     from .peakmem import PeakRSS
     from . import fixtures
@@ -51,8 +79,17 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
     stock_required = type(m.model).memory_required.__get__(m.model)
     if lf is not None:
         ck = pack.linfusion_core.checkpoint.load_checkpoint(lf)
-        m = pack.nodes.patching.apply_linfusion(m, ck, threshold)
+        m = pack.nodes.patching.apply_linfusion(m, ck, threshold, low_memory)
+        if ff_chunk_elements:  # chunk the feed-forwards at sizes below the usual threshold (every FF is chunked at 16K)
+            for obj in m.object_patches.values():
+                if isinstance(obj, pack.linfusion_core.chunked.TokenChunkedFeedForward):
+                    obj.chunk_elements = int(ff_chunk_elements)
     mm.load_models_gpu([m])
+    import comfy.patcher_extension as pe
+    options = dict(m.model_options.get("transformer_options", {}))
+    options["wrappers"] = {}
+    pe.merge_nested_dicts(options["wrappers"], m.wrappers, copy_dict1=False)
+    unet_cfg = m.model.model_config.unet_config
     ctx_dim, adm_dim = CONTEXT[family]
     gen = torch.Generator().manual_seed(0)
 
@@ -60,25 +97,39 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
         kw = {"c_crossattn": torch.randn(x.shape[0], 77, ctx_dim, generator=gen)}
         if adm_dim:
             kw["y"] = torch.randn(x.shape[0], adm_dim, generator=gen)
-        m.model.apply_model(x, torch.tensor([1.5] * x.shape[0]), **kw)
+        m.model.apply_model(x, torch.tensor([1.5] * x.shape[0]), transformer_options=dict(options), **kw)
 
     out = []
     with torch.inference_mode():
         step(torch.randn(batch, 4, 16, 16, generator=gen))  # warm-up: lazy init outside the measurement
         for w, h in sizes:
             x = torch.randn(batch, 4, h // 8, w // 8, generator=gen)
+            pool = None
+            if lf is not None and low_memory != "off":
+                pool = HostPool(pack.linfusion_core.lowmem.skip_bytes(
+                    x.shape, unet_cfg["channel_mult"], unet_cfg["model_channels"], unet_cfg["num_res_blocks"], 4))
+                pack.nodes.lowmem.HOST_ALLOC = pool
+            t0 = time.perf_counter()
             with PeakRSS() as p:
                 step(x)
+            secs = time.perf_counter() - t0
+            pack.nodes.lowmem.HOST_ALLOC = None
             shape = tuple(x.shape)
             out.append({"w": w, "h": h, "batch": batch, "latent_px": batch * (h // 8) * (w // 8), "peak": p.peak,
+                        "seconds": secs, "parked": pool.high if pool else 0,
                         "stock_formula": stock_required(shape), "model_estimate": m.model.memory_required(shape)})
-    res = {"family": family, "config": config, "model_config": type(m.model.model_config).__name__,
+    res = {"family": family, "config": config, "low_memory": low_memory, "weights_bytes": int(m.model_size()),
+           "ff_chunk_elements": ff_chunk_elements,
+           "model_config": type(m.model.model_config).__name__,
            "dtype": str(m.model.get_dtype()).replace("torch.", ""), "threads": torch.get_num_threads(),
            "sizes": out}
     if lf is not None:
         est = pack.nodes.memory.installed_estimate(m)
         res["object_patch"] = est is not None
         res["estimates"] = [est((r["batch"], 4, r["h"] // 8, r["w"] // 8)) if est else None for r in out]
+        if est is not None and getattr(est, "low_memory", None):
+            res["estimates_low_memory"] = [est((r["batch"], 4, r["h"] // 8, r["w"] // 8), low_memory=True)
+                                           for r in out]
     if check_sampling:
         # Sampling from an unloaded model: every load_models_gpu call that loads it (our PREPARE_SAMPLING wrapper's
         # and ComfyUI's own in _prepare_sampling) is recorded, with the memory it was told to expect; during
@@ -118,9 +169,14 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threshold", type=int, default=0, help="softmax_below_tokens of ApplyLinFusion")
     ap.add_argument("--check-sampling", action="store_true")
+    ap.add_argument("--low-memory", choices=["off", "on", "auto"], default="off",
+                    help="ApplyLinFusion's low_memory (nodes/lowmem.py)")
+    ap.add_argument("--ff-chunk-elements", type=int,
+                    help="run the patched feed-forwards in chunks of this many elements (default: the pack's)")
     a = ap.parse_args(argv)
     sizes = [[int(v) for v in s.lower().split("x")] for s in a.sizes]
-    print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling)), flush=True)
+    print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling, a.low_memory,
+                             a.ff_chunk_elements)), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..linfusion_core.layer import TOKENS
+from .lowmem import MODES as LOW_MEMORY_MODES, TOOLTIP as LOW_MEMORY_TOOLTIP
 from .patching import apply_linfusion
 
 
@@ -27,8 +28,9 @@ class ApplyLinFusion:
                     "tooltip": "Layers that see fewer tokens than this run the model's original softmax attention "
                                "(its own quality where it is cheap). " + TOKENS + " SD-1.5 at 1024x1024: 16384, "
                                "4096, 1024, 256. 0 = always linear."}),
+                "low_memory": (list(LOW_MEMORY_MODES), {"default": "auto", "tooltip": LOW_MEMORY_TOOLTIP}),
             },
         }
 
-    def apply(self, model, linfusion, softmax_below_tokens=0):
-        return (apply_linfusion(model, linfusion, softmax_below_tokens),)
+    def apply(self, model, linfusion, softmax_below_tokens=0, low_memory="auto"):
+        return (apply_linfusion(model, linfusion, softmax_below_tokens, low_memory),)

@@ -31,12 +31,19 @@ from ..linfusion_core.layer import runs_softmax
 MARGIN = 1.25  # allocator slack and variation between back-ends
 
 
-def linear_estimate(input_shape, dtype_size: int = 4, family: Family = BY_KEY["sd15"], margin: float = MARGIN) -> float:
+def linear_estimate(input_shape, dtype_size: int = 4, family: Family = BY_KEY["sd15"], margin: float = MARGIN,
+                    low_memory: bool = False) -> float:
     """``(per_pixel x latent px x batch x dtype_size/4 + fixed) x margin``, with the family's measured coefficients
     (linfusion_core/families.py) of the regime the input falls in: once the first transformer level's feed-forward
-    runs in token chunks (linfusion_core/chunked.py), the "chunked" line where one was measured."""
+    runs in token chunks (linfusion_core/chunked.py), the "chunked" line where one was measured. ``low_memory``: the
+    step in the low-memory mode (nodes/lowmem.py), the family's "lowmem" line where one was measured (never above
+    the ordinary one)."""
     batch, pixels = input_shape[0], math.prod(input_shape[2:])
     coeff = family.memory
+    if low_memory and "lowmem" in coeff:
+        low = coeff["lowmem"]
+        return min(linear_estimate(input_shape, dtype_size, family, margin),
+                   (low["per_pixel"] * batch * pixels * dtype_size / 4.0 + low["fixed"]) * margin)
     if "chunked" in coeff:
         channels, area_divisor = family.first_transformer_level
         if is_chunked(batch, pixels // area_divisor, channels):
@@ -55,9 +62,11 @@ def _dtype_size(base_model) -> int:
         return 4
 
 
-def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, family: Family | None = None):
+def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, family: Family | None = None,
+                             low_memory="off"):
     """``memory_required(input_shape, cond_shapes={})`` for a LinFusion-patched ``model_patcher``, or None for
-    families without a measurement (they keep ComfyUI's own estimate)."""
+    families without a measurement (they keep ComfyUI's own estimate). ``low_memory`` ("off", "on", "auto"): the
+    low-memory mode of nodes/lowmem.py, whose ``mode_aware_estimate`` then picks the line per call."""
     base = model_patcher.model
     family = family or by_config_class(type(base.model_config).__name__)
     if family is None or family.memory is None:
@@ -67,17 +76,20 @@ def memory_estimate_function(model_patcher, softmax_below_tokens: int = 0, famil
 
     levels = family.attention_levels
 
-    def memory_required(input_shape, cond_shapes={}):
+    def memory_required(input_shape, cond_shapes={}, low=False):
         soft = softmax_tokens(input_shape, threshold, levels)
         if soft and soft[0] == math.prod(input_shape[2:]) // levels[0]:
             return stock(input_shape, cond_shapes=cond_shapes)  # the largest level too: a stock UNet
-        est = linear_estimate(input_shape, _dtype_size(base), family)
+        est = linear_estimate(input_shape, _dtype_size(base), family, low_memory=low)
         if soft:
             # The largest level left on softmax, at ComfyUI's stock rate for a UNet whose first attention level
             # has that many tokens (one layer's attention temporaries live at a time).
             est += stock(list(input_shape[:2]) + [soft[0] * levels[0], 1], cond_shapes=cond_shapes)
         return est
 
+    if low_memory not in (None, False, "off"):
+        from .lowmem import mode_aware_estimate
+        return mode_aware_estimate(memory_required, low_memory, model_patcher)
     return memory_required
 
 
@@ -103,13 +115,15 @@ def preload_with_estimate(executor, model, noise_shape, conds, *args, **kwargs):
     return executor(model, noise_shape, conds, *args, **kwargs)
 
 
-def install_memory_estimate(model_patcher, softmax_below_tokens: int = 0, family: Family | None = None):
+def install_memory_estimate(model_patcher, softmax_below_tokens: int = 0, family: Family | None = None,
+                            low_memory="off"):
     """Make ``model_patcher`` (a patched clone) report LinFusion's measured linear memory: an object patch
     "memory_required" with the signature ``(input_shape, cond_shapes={})``; the clone's PREPARE_SAMPLING wrapper
     (``preload_with_estimate``) makes the pre-load estimate that one too. Families without a measurement keep
     ComfyUI's own estimate. Levels that keep softmax (``runs_softmax`` with ``softmax_below_tokens``) add the
-    stock figure for the largest of them; when the first level does, the whole estimate is the stock one."""
-    fn = memory_estimate_function(model_patcher, softmax_below_tokens, family)
+    stock figure for the largest of them; when the first level does, the whole estimate is the stock one.
+    ``low_memory``: the mode installed by nodes/lowmem.py ("off", "on", "auto")."""
+    fn = memory_estimate_function(model_patcher, softmax_below_tokens, family, low_memory)
     if fn is not None:
         model_patcher.add_object_patch("memory_required", fn)
     return model_patcher

@@ -16,7 +16,7 @@ from ..linfusion_core.chunked import TokenChunkedFeedForward, unwrap
 from ..linfusion_core.families import by_config_class
 from ..linfusion_core.layer import LinFusionAttention, build_layer
 from ..linfusion_core.mapping import check_widths, diffusers_attn1_layers, map_layers
-from . import lifecycle
+from . import lifecycle, lowmem
 from .memory import install_memory_estimate
 
 log = logging.getLogger("LinFusion")
@@ -125,15 +125,18 @@ def attn1_modules(model) -> dict:
     return {p: model.get_model_object(f"diffusion_model.{p}") for p in paths}
 
 
-def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int = 0):
-    """A clone of ``model`` with every attn1 replaced by LinFusion. Raises LinFusionFileError (model untouched)."""
+def apply_linfusion(model, ckpt: LinFusionCheckpoint, softmax_below_tokens: int = 0, low_memory: str = "auto"):
+    """A clone of ``model`` with every attn1 replaced by LinFusion. Raises LinFusionFileError (model untouched).
+    ``low_memory``: "auto", "on" or "off", the low-memory mode (nodes/lowmem.py)."""
+    low_memory = lowmem.normalize_mode(low_memory)
     family = model_family(model)
     done = patch_self_attention(model, ckpt, unet_config(model), f"the {family} model",
                                 weight_dtype=model.model.get_dtype(),
                                 manual_cast_dtype=model.model.manual_cast_dtype, prefix="diffusion_model.",
                                 softmax_below_tokens=softmax_below_tokens)
     m = done.patcher
-    install_memory_estimate(m, softmax_below_tokens)
+    lowmem.install(m, low_memory)
+    install_memory_estimate(m, softmax_below_tokens, low_memory=low_memory)
     for what in lifecycle.bypasses(model.model_options):
         log.warning("LinFusion: the model given to Apply LinFusion already has %s.", what)
     if done.skipped:

@@ -269,3 +269,20 @@ def test_dry_chain_through_the_executor(dry):
     assert [s["size"] for t, s in sorted(stages.items()) if t.startswith("Stage ")] == [[64, 32], [128, 64]]
     if "emulated_gpu_image_blocked" in sec:  # ComfyUI 0.33+: ran with only what the GPU machine will have
         assert "emulate" in " ".join(dry["notes"])
+
+
+def test_dry_lowmem_rows(dry):
+    """The low-memory rows (issue 13; benchmarks/gpu_lowmem.py): one step without and one with the mode, at the
+    dry run's size on the SD-1.5 stand-in (on a GPU: the SD-XL 16K stage)."""
+    sec = dry["sections"]["lowmem"]
+    assert sec["status"] == "done", (sec.get("error"), sec.get("traceback"))
+    rows = sec["rows"]
+    _finite_numbers(rows)
+    assert [r["low_memory"] for r in rows] == dry["config"]["lowmem"]["modes"] == ["off", "on"]
+    for r in rows:
+        assert "error" not in r, r.get("traceback")
+        assert r["finite"] and r["seconds"] > 0 and isinstance(r["peak_bytes"], int) and r["weights_bytes"] > 0, r
+    on = rows[1]
+    assert on["estimate_on_bytes"] <= on["estimate_off_bytes"]
+    md = "\n".join(gpu_check.gpu_lowmem.markdown(sec, gpu_check._gib))
+    assert "Low-memory mode" in md and md.count("| sd15 |") == 2

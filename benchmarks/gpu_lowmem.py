@@ -1,0 +1,173 @@
+"""The GPU check's "lowmem" section (benchmarks/gpu_check.py runs it in its own process): one UNet step of the
+SD-XL 16K stage (16384x8192 px, latent 2048x1024, batch 1 as ComfyUI runs cond and uncond when both do not fit,
+fp16) with LinFusion, without and with the low-memory mode (nodes/lowmem.py). Peak torch.cuda.max_memory_allocated
+with the weights resident, against issue 13's 16 GB; the step's time (the mode's cost); the estimate per mode.
+
+The SD-XL stand-in (true architecture, random fp16 weights, harness/fixtures.randomize_) is built in memory where
+the check runs: no 5 GB file to carry or write. LinFusion-XL-shaped weights (with their own projections, the
+larger case) come from harness/linfusion_fixtures.
+
+Dry run (--dry, CPU): the same code at 64x64 px on the SD-1.5 stand-in checkpoint the prepare section made
+(an SD-XL UNet is 5 GB even in fp16, too much for the test suite beside the rest), peak RSS growth instead of
+max_memory_allocated; the skip parking takes its CPU path there, its CUDA path (pinned memory, side stream) only
+on a GPU.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+GPU = {"family": "sdxl", "size": [16384, 8192], "batch": 1, "modes": ["off", "on"], "target_bytes": 16e9}
+DRY = {"family": "sd15", "size": [64, 64], "batch": 1, "modes": ["off", "on"], "target_bytes": None}
+CONTEXT = {"sd15": (768, None), "sdxl": (2048, 2816)}
+
+
+def standin_unet(family: str, torch, mm):
+    """A ModelPatcher over a true-architecture UNet with random fp16 weights, built in memory."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    from harness.fixtures import UNET_CONFIGS, randomize_
+    mc = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIGS[family]))
+    mc.set_inference_dtype(torch.float16, None)
+    model = mc.get_model({}, device="cpu")
+    randomize_(model.diffusion_model, seed=1, dtype=torch.float16)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def sampling_options(m) -> dict:
+    """transformer_options as the sampler passes them: the patcher's wrappers merged in (the mode's switch is an
+    APPLY_MODEL wrapper)."""
+    import comfy.patcher_extension as pe
+    to = dict(m.model_options.get("transformer_options", {}))
+    to["wrappers"] = {}
+    pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
+    return to
+
+
+def child_lowmem(spec: dict, rec, gc) -> None:
+    """``gc``: the gpu_check module (its helpers)."""
+    cfg, deadline = spec["cfg"], spec["deadline"]
+    gc.import_comfy(spec)
+    import gc as pygc
+    import torch
+    import comfy.model_management as mm
+    import comfy.sd
+    sys.path.insert(0, str(BENCH))
+    import unet_variants
+    from harness import linfusion_fixtures
+    from harness.host import import_pack
+    from harness.peakmem import PeakRSS
+
+    cuda = mm.get_torch_device().type == "cuda"
+    env = gc.torch_env(torch, cuda)
+    env.update(gc.comfy_env(spec))
+    rec.data["env"] = env
+    rec.save()
+    pack = import_pack("LinFusionGPUCheck")
+    family = cfg["family"]
+    t = time.perf_counter()
+    if family == "sd15" and spec.get("ckpt_path"):
+        unet = comfy.sd.load_checkpoint_guess_config(spec["ckpt_path"], output_vae=False, output_clip=False)[0]
+        lf_path = spec["linfusion_path"]
+    else:
+        unet = standin_unet(family, torch, mm)
+        lf_path = linfusion_fixtures.write(family, Path(spec["base"]) / f"lowmem-linfusion-{family}.safetensors",
+                                           layout="file", seed=0)
+    lf = pack.linfusion_core.checkpoint.load_checkpoint(lf_path)
+    rec.note(f"{family} stand-in UNet and LinFusion weights ready in {time.perf_counter() - t:.1f} s")
+    env["unet_dtype"] = str(unet.model.get_dtype()).replace("torch.", "")
+    device = mm.get_torch_device()
+    w, h = cfg["size"]
+    shape = [cfg["batch"], 4, h // 8, w // 8]
+    ctx_dim, adm_dim = CONTEXT[family]
+    for mode in cfg["modes"]:
+        what = f"{family} {w}x{h} low_memory={mode}"
+        if time.time() > deadline:
+            rec.skip(what, "the section's time is spent")
+            continue
+        row = {"family": family, "size": [w, h], "latent": [w // 8, h // 8], "batch": cfg["batch"],
+               "low_memory": mode, "dtype": env["unet_dtype"], "target_bytes": cfg.get("target_bytes")}
+        m = None
+        try:
+            m = pack.nodes.patching.apply_linfusion(unet, lf, 0, mode)
+            mm.load_models_gpu([m])
+            row["weights_bytes"] = int(m.model_size())
+            est = m.model.memory_required
+            row["estimate_bytes"] = est(shape)
+            if getattr(est, "low_memory", None):
+                row["estimate_off_bytes"] = est(shape, low_memory=False)
+                row["estimate_on_bytes"] = est(shape, low_memory=True)
+            to = sampling_options(m)
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=gen).to(device)
+            cond = {"c_crossattn": torch.randn(shape[0], 77, ctx_dim, generator=gen).to(device)}
+            if adm_dim:
+                cond["y"] = torch.randn(shape[0], adm_dim, generator=gen).to(device)
+            sigma = torch.full((shape[0],), 1.0, device=device)
+            with torch.inference_mode():
+                wx = torch.randn(shape[0], 4, 16, 16, device=device)  # lazy initialisation outside the measurement
+                m.model.apply_model(wx, sigma, transformer_options=dict(to), **cond)
+                if cuda:
+                    torch.cuda.synchronize()
+                meter = unet_variants.CudaPeak(torch) if cuda else PeakRSS()
+                t = time.perf_counter()
+                with meter:
+                    out = m.model.apply_model(x, sigma, transformer_options=dict(to), **cond)
+                    if cuda:
+                        torch.cuda.synchronize()
+                row["seconds"] = time.perf_counter() - t
+                row["finite"] = bool(torch.isfinite(out).all().item())
+                del out
+            row["peak_bytes"] = meter.peak
+            row["memory_method"] = ("torch.cuda.max_memory_allocated (peak_total_bytes: weights included; "
+                                    "peak_bytes: above the step's start)" if cuda else
+                                    "peak RSS growth (VmHWM) during the step")
+            if cuda:
+                row["peak_total_bytes"] = meter.total
+            gc.log(f"lowmem {what}: {row['seconds']:.2f} s, peak +{meter.peak / 2**30:.2f} GiB"
+                   + (f" ({meter.total / 2**30:.2f} GiB with the weights)" if cuda else ""))
+        except Exception as e:
+            import traceback
+            oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+            row["error"] = ("OOM: " if oom else "") + gc.first_line(e)
+            row["traceback"] = traceback.format_exc()[-2000:]
+            gc.log(f"lowmem {what}: {row['error']}")
+        rec.row(row)
+        del m
+        mm.unload_all_models()
+        pygc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def markdown(sec: dict, gib) -> list:
+    """The section's lines for the check's report."""
+    if not sec or sec.get("status") == "not run":
+        return []
+    env = sec.get("env", {})
+    rows = sec.get("rows", [])
+    L = ["## Low-memory mode: one LinFusion UNet step (nodes/lowmem.py)", "",
+         f"{env.get('unet_dtype', '?')}; status {sec.get('status')}. Peak: "
+         f"{(rows or [{}])[0].get('memory_method', '')}.", "",
+         "| family | image | batch | low_memory | time | peak (step) | peak with weights | weights | estimate | "
+         "target |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        size = f"{r['size'][0]}×{r['size'][1]}"
+        if "error" in r:
+            L.append(f"| {r['family']} | {size} | {r['batch']} | {r['low_memory']} | failed: {r['error'][:120]} "
+                     "| | | | | |")
+            continue
+        tgt = r.get("target_bytes")
+        total = r.get("peak_total_bytes")
+        verdict = "–" if not (tgt and total) else f"{'within' if total <= tgt else 'over'} {tgt / 1e9:.0f} GB"
+        L.append(f"| {r['family']} | {size} | {r['batch']} | {r['low_memory']} | {r['seconds']:.2f} s | "
+                 f"{gib(r.get('peak_bytes'))} | {gib(total)} | {gib(r.get('weights_bytes'))} | "
+                 f"{gib(r.get('estimate_bytes'))} | {verdict} |")
+    for s in sec.get("skipped", []):
+        L.append(f"- skipped {s['what']}: {s['why']}")
+    return L + [""]

@@ -1,0 +1,288 @@
+"""The low-memory mode of a LinFusion-patched model, on ComfyUI's patch points (the tensor work is in
+linfusion_core/lowmem.py). Exact: a step gives the same numbers with and without it (tested through whole UNets,
+with and without a ControlNet).
+
+What it installs on the patched clone (``install``), for ``low_memory`` "auto" or "on" ("off" installs nothing):
+- An object patch on every ResBlock's ``in_layers`` and ``out_layers``: the same Sequential (same children, so
+  weight names, LoRA keys and casting are untouched) whose ``GroupNorm -> SiLU`` runs chunked with two-pass
+  statistics while the mode is on for the call, and as ComfyUI runs it otherwise.
+- An APPLY_MODEL wrapper that decides per call whether the mode is on ("on": always; "auto": when the patched
+  model's estimate says the step would not fit in free memory without it) and, when it is, adds three patches to
+  that call's transformer_options: ``input_block_patch`` (last: park the skip in host memory, so the skip list
+  holds the host copy), ``input_block_patch_after_skip`` (first: hand the device tensor on to the next block) and
+  ``output_block_patch`` (first: bring the skip back, then add the ControlNet residual). ComfyUI's UNet adds the
+  ControlNet's output residuals to the popped skip *before* ``output_block_patch`` runs, with a try/except that
+  drops the residual with a warning when the two sit on different devices; so the call's ``control`` goes to the
+  UNet with those residuals replaced by None (ComfyUI then adds nothing) and the patch adds each one to the
+  device copy of its skip, the same in-place add, in the same order.
+- The memory estimate knows the mode (nodes/memory.py, ``install_memory_estimate(..., low_memory=)``): "on"
+  reports the low-memory line; "auto" reports the ordinary line when the step fits in the memory that will be
+  free once the weights are loaded, the ordinary line too when the batch does not fit but half of it does (so
+  ComfyUI runs cond and uncond one after the other without the mode, which costs no time at high resolution),
+  and the low-memory line otherwise. ComfyUI sizes its weight loading and its cond/uncond batching from that.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+
+import comfy.ops
+import torch
+from torch import nn
+
+from ..linfusion_core import lowmem
+
+log = logging.getLogger("LinFusion")
+
+KEY = "linfusion_lowmem"
+MODES = ("auto", "on", "off")
+TOOLTIP = ("Low-memory mode for very large images (exact: the same result): the UNet's skip tensors wait in CPU "
+           "memory, ResBlock normalisation runs in chunks, and cond/uncond run one after the other when both do "
+           "not fit. auto = only when a step would not fit in free GPU memory otherwise; on = always; off = never. "
+           "Costs time when on (the copies to and from the CPU).")
+
+# Where parked skips live on non-CUDA devices: None = plain CPU tensors. The CPU measurement
+# (harness/step_memory.py) sets a pre-allocated pool here, so that parked skips count as host memory, not as the
+# step's working memory.
+HOST_ALLOC = None
+
+
+def normalize_mode(mode) -> str:
+    if mode is True:
+        return "on"
+    if mode in (False, None):
+        return "off"
+    mode = str(mode).lower()
+    if mode not in MODES:
+        raise ValueError(f"low_memory must be one of {MODES}, not {mode!r}")
+    return mode
+
+
+# -- ResBlock GroupNorm + SiLU -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _norm_params(gn: nn.GroupNorm, x: torch.Tensor):
+    """The GroupNorm's weight and bias as ComfyUI's op would use them for ``x`` (cast, streamed or with weight
+    functions applied where the layer asks for it; ComfyUI 0.3.75 and 0.33+ spell this differently)."""
+    if not (getattr(gn, "comfy_cast_weights", False) or getattr(gn, "weight_function", None)
+            or getattr(gn, "bias_function", None)):
+        yield gn.weight, gn.bias
+        return
+    ops = comfy.ops
+    ctx = getattr(ops, "CastBiasWeightContext", None)
+    if ctx is not None:
+        with ctx(gn, x, offloadable=True) as (w, b):
+            yield w, b
+        return
+    state = ops.cast_bias_weight(gn, x, offloadable=True)
+    try:
+        yield state[0], state[1]
+    finally:
+        if len(state) > 2 and hasattr(ops, "uncast_bias_weight"):
+            ops.uncast_bias_weight(gn, *state)
+
+
+def _autograd_needs(x: torch.Tensor, gn: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in gn.parameters()))
+
+
+class NormActSequential(nn.Sequential):
+    """A ResBlock's ``in_layers`` / ``out_layers`` (GroupNorm, SiLU, ...), the same child modules under the same
+    names. While the low-memory mode is on for the call and autograd is off, the GroupNorm and the SiLU run as
+    one chunked pass (``lowmem.group_norm_silu``: two-pass statistics, SiLU in place on the fresh output, never
+    on a tensor anyone else holds); otherwise exactly as ``nn.Sequential``. ResBlocks that slice their layers
+    (``in_layers[:-1]``) get this class again, so the fused path holds there too."""
+
+    chunk_elements = lowmem.CHUNK_ELEMENTS
+
+    def forward(self, x):
+        mods = list(self._modules.values())
+        if (len(mods) >= 2 and lowmem.is_enabled() and isinstance(mods[0], nn.GroupNorm)
+                and type(mods[1]) is nn.SiLU and not _autograd_needs(x, mods[0])):
+            gn = mods[0]
+            if hasattr(comfy.ops, "run_every_op"):
+                comfy.ops.run_every_op()
+            with _norm_params(gn, x) as (w, b):
+                if w is not None and w.dtype != x.dtype:
+                    w = w.to(x.dtype)
+                if b is not None and b.dtype != x.dtype:
+                    b = b.to(x.dtype)
+                x = lowmem.group_norm_silu(x, gn.num_groups, w, b, gn.eps, self.chunk_elements)
+            for m in mods[2:]:
+                x = m(x)
+            return x
+        return super().forward(x)
+
+
+def resblock_paths(diffusion_model: nn.Module) -> list:
+    """Paths (under diffusion_model) of the ``in_layers`` / ``out_layers`` of every ResBlock."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    out = []
+    for name, mod in diffusion_model.named_modules():
+        if isinstance(mod, ResBlock):
+            for part in ("in_layers", "out_layers"):
+                seq = getattr(mod, part, None)
+                if isinstance(seq, nn.Sequential) and len(seq) >= 2:
+                    out.append(f"{name}.{part}")
+    return out
+
+
+def patch_resblocks(model_patcher) -> int:
+    """Object patches putting a NormActSequential over each ResBlock's in/out layers. Returns how many."""
+    dm = model_patcher.get_model_object("diffusion_model")
+    n = 0
+    for path in resblock_paths(dm):
+        key = f"diffusion_model.{path}"
+        seq = model_patcher.get_model_object(key)
+        model_patcher.add_object_patch(key, NormActSequential(OrderedDict(seq._modules)))
+        n += 1
+    return n
+
+
+def _on_multigpu_clone(src, clone):
+    """ComfyUI 0.33+ multi-GPU copies: our Sequentials hold the first copy's layers; rebuild them over the copy's."""
+    import comfy.utils
+    for key, obj in src.object_patches.items():
+        if isinstance(obj, NormActSequential):
+            here = comfy.utils.get_attr(clone.model, key)
+            clone.add_object_patch(key, NormActSequential(OrderedDict(here._modules)))
+
+
+# -- the per-call switch and the skip tensors ------------------------------------------------------------------------
+
+def needs_low_memory(base_model, input_shape) -> bool:
+    """Whether a step of ``input_shape`` would not fit in free memory without the mode, by the model's estimate."""
+    est = base_model.memory_required
+    needed = getattr(est, "low_memory_needed", None)
+    if needed is not None:
+        return bool(needed(list(input_shape)))
+    import comfy.model_management as mm
+    return est(list(input_shape)) > mm.get_free_memory(mm.get_torch_device())
+
+
+class _SkipOffload:
+    """One UNet call's patches: park each skip, keep the device tensor flowing, bring skips back and add the
+    ControlNet's output residuals to them."""
+
+    def __init__(self, parking: lowmem.SkipParking, control):
+        self.parking = parking
+        self.device_h = None
+        self.residuals = None
+        if control is not None and control.get("output"):
+            # ComfyUI pops one entry per output block and adds it to the (parked) skip: give it Nones instead and
+            # add the real ones in output_block_patch. Popping the original list frees each residual when used,
+            # as ComfyUI does.
+            self.residuals = control["output"]
+            control = dict(control)
+            control["output"] = [None] * len(self.residuals)
+        self.control = control
+
+    def park(self, h, transformer_options):
+        self.device_h = h
+        return self.parking.park(h)
+
+    def hand_on(self, h, transformer_options):
+        if self.device_h is not None and len(self.parking) and self.parking._stack[-1][0] is h:
+            h, self.device_h = self.device_h, None
+        return h
+
+    def bring_back(self, h, hsp, transformer_options):
+        hsp = self.parking.fetch(hsp)
+        if self.residuals:
+            ctrl = self.residuals.pop()
+            if ctrl is not None:  # comfy's apply_control(hsp, control, 'output'), on the device copy
+                try:
+                    hsp += ctrl
+                except Exception:
+                    logging.warning("warning control could not be applied {} {}".format(hsp.shape, ctrl.shape))
+        return h, hsp
+
+    def options(self, transformer_options: dict) -> dict:
+        to = dict(transformer_options)
+        patches = {k: list(v) for k, v in to.get("patches", {}).items()}
+        patches["input_block_patch"] = patches.get("input_block_patch", []) + [self.park]
+        patches["input_block_patch_after_skip"] = [self.hand_on] + patches.get("input_block_patch_after_skip", [])
+        patches["output_block_patch"] = [self.bring_back] + patches.get("output_block_patch", [])
+        to["patches"] = patches
+        return to
+
+
+class LowMemoryWrapper:
+    """APPLY_MODEL wrapper: runs the call in the low-memory mode when ``mode`` says so. Holds only the mode
+    (ComfyUI 0.3.75 deep-copies model options on every clone)."""
+
+    def __init__(self, mode: str):
+        self.mode = normalize_mode(mode)
+
+    def active(self, base_model, x) -> bool:
+        return self.mode == "on" or (self.mode == "auto" and needs_low_memory(base_model, x.shape))
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                 **kwargs):
+        if not self.active(executor.class_obj, x):
+            with lowmem.enabled(False):
+                return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        parking = lowmem.SkipParking(x.device, host_alloc=HOST_ALLOC)
+        offload = _SkipOffload(parking, control)
+        try:
+            with lowmem.enabled(True):
+                return executor(x, t, c_concat, c_crossattn, offload.control, offload.options(transformer_options),
+                                **kwargs)
+        finally:
+            parking.clear()
+
+
+def install(model_patcher, mode="auto") -> str:
+    """Install the low-memory mode on ``model_patcher`` (a patched clone): nothing for "off"; the ResBlock patches
+    and the APPLY_MODEL wrapper for "auto" and "on". The estimate is installed by nodes/memory.py with the same
+    mode. Returns the mode."""
+    import comfy.patcher_extension as pe
+    mode = normalize_mode(mode)
+    model_patcher.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, KEY)
+    if mode == "off":
+        return mode
+    patch_resblocks(model_patcher)
+    model_patcher.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, KEY, LowMemoryWrapper(mode))
+    call_type = getattr(pe.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)  # ComfyUI 0.33+
+    if call_type is not None:
+        model_patcher.remove_callbacks_with_key(call_type, KEY)
+        model_patcher.add_callback_with_key(call_type, KEY, _on_multigpu_clone)
+    return mode
+
+
+# -- the mode-aware memory estimate ----------------------------------------------------------------------------------
+
+def mode_aware_estimate(estimate, mode: str, model_patcher):
+    """``memory_required(input_shape, cond_shapes={}, low_memory=None)`` over ``estimate(input_shape, cond_shapes,
+    low)`` (the patched model's lines without / with the mode) for ``mode`` "on" or "auto" (see the module
+    docstring). ``low_memory`` True/False asks for one line. ``.low_memory_needed(shape)`` is the auto switch."""
+    mode = normalize_mode(mode)
+    base = model_patcher.model
+    device = model_patcher.load_device
+    weights = int(model_patcher.model_size())
+
+    def free_for_activations() -> float:
+        import comfy.model_management as mm
+        loaded = int(getattr(base, "model_loaded_weight_memory", 0) or 0)
+        return mm.get_free_memory(device) - max(0, weights - loaded)
+
+    def low_memory_needed(input_shape, cond_shapes={}) -> bool:
+        return estimate(input_shape, cond_shapes, False) > free_for_activations()
+
+    def memory_required(input_shape, cond_shapes={}, low_memory=None):
+        if low_memory is not None:
+            return estimate(input_shape, cond_shapes, bool(low_memory))
+        if mode == "on":
+            return estimate(input_shape, cond_shapes, True)
+        off = estimate(input_shape, cond_shapes, False)
+        free = free_for_activations()
+        if off <= free:
+            return off
+        if input_shape[0] > 1 and estimate([input_shape[0] // 2] + list(input_shape[1:]), {}, False) <= free:
+            return off  # ComfyUI halves the batch (cond, then uncond) and each half runs without the mode
+        return estimate(input_shape, cond_shapes, True)
+
+    memory_required.low_memory_needed = low_memory_needed
+    memory_required.low_memory = mode
+    return memory_required

@@ -1,0 +1,353 @@
+"""The low-memory mode (linfusion_core/lowmem.py, nodes/lowmem.py): exact through whole true-size UNets (SD-1.5,
+SD-XL) with and without a ControlNet, the chunked GroupNorm against float64, the skip parking's CPU path, the
+memory estimate per mode, the auto switch.
+
+No CUDA here: the skip parking runs its CPU path for real (plain copies into host tensors, a separate copy back);
+its CUDA-only parts (pinned memory, the side stream, the events, the prefetch) are exercised by the GPU check
+(benchmarks/gpu_check.py, rows "lowmem"), not by these tests."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import controlnet_fixtures, fixtures, linfusion_fixtures
+
+SIGMA = torch.tensor([1.5])
+SMALL_CHUNK = 1 << 12  # forces the chunked GroupNorm at test sizes (the default starts at 8 M elements)
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def L(pack):
+    return pack.linfusion_core.lowmem
+
+
+@pytest.fixture(scope="module")
+def NL(pack):
+    return pack.nodes.lowmem
+
+
+@pytest.fixture
+def small_chunks(NL, monkeypatch):
+    monkeypatch.setattr(NL.NormActSequential, "chunk_elements", SMALL_CHUNK)
+
+
+@pytest.fixture
+def counts(L, NL, monkeypatch):
+    """How often the mode's pieces ran: skips parked, skips brought back, chunked GroupNorm+SiLU passes."""
+    c = {"park": 0, "fetch": 0, "chunked_gn": 0}
+    park, fetch, gns = L.SkipParking.park, L.SkipParking.fetch, L.group_norm_silu
+
+    def spy(name, fn):
+        def inner(*a, **k):
+            c[name] += 1
+            return fn(*a, **k)
+        return inner
+    monkeypatch.setattr(L.SkipParking, "park", spy("park", park))
+    monkeypatch.setattr(L.SkipParking, "fetch", spy("fetch", fetch))
+    monkeypatch.setattr(L, "group_norm_silu", spy("chunked_gn", gns))
+    return c
+
+
+# -- the core: chunked GroupNorm + SiLU, skip parking ---------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,groups", [((1, 320, 40, 56), 32), ((2, 960, 17, 23), 32), ((1, 64, 7, 9), 8)])
+def test_group_norm_silu_against_float64(L, shape, groups):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * 3 + 1.5  # an offset mean: a one-pass sum of squares would lose digits
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    ref = L.group_norm_silu_f64(x, groups, w, b)
+    stock = F.silu(F.group_norm(x, groups, w, b))
+    assert rel(stock, ref) < 2e-7  # the reference is right
+    for chunk in (SMALL_CHUNK, 3001, 1 << 22):  # chunked (uneven last chunk) and one full pass
+        for method in ("slabs", "two_pass"):
+            y = L.group_norm_silu(x, groups, w, b, 1e-5, chunk, method=method)
+            assert y.dtype == x.dtype and y.shape == x.shape
+            assert rel(y, ref) <= 1.5 * rel(stock, ref) + 1e-8, (chunk, method)  # as close to float64 as torch's
+            assert rel(y, stock) < 1e-6
+            if method == "slabs":  # whole groups through torch's kernel; SiLU's vector tails may differ by an ulp
+                assert (y - stock).abs().max() <= 4 * torch.finfo(y.dtype).eps * stock.abs().max(), chunk
+    mean, rstd = L.group_norm_stats(x, groups, 1e-5, SMALL_CHUNK)
+    xd = x.double().reshape(shape[0], groups, -1)
+    assert torch.allclose(mean, xd.mean(-1), rtol=1e-6, atol=1e-7)  # float32 partial sums
+    assert torch.allclose(rstd, 1 / torch.sqrt(xd.var(-1, unbiased=False) + 1e-5), rtol=1e-6)
+    # half precision computes in float32 and rounds once: within fp16 rounding of the float64 result
+    for method in ("slabs", "two_pass"):
+        yh = L.group_norm_silu(x.half(), groups, w.half(), b.half(), 1e-5, SMALL_CHUNK, method=method)
+        assert yh.dtype == torch.float16 and rel(yh, ref) < 2e-3
+    # no weight / bias; the input is never written
+    x0 = x.clone()
+    for method in ("slabs", "two_pass"):
+        y = L.group_norm_silu(x, groups, None, None, 1e-5, SMALL_CHUNK, method=method)
+        assert rel(y, L.group_norm_silu_f64(x, groups, None, None)) < 2e-7
+    assert torch.equal(x, x0)
+
+
+def test_skip_parking_cpu_path(L):
+    """Parks copies (not the tensors themselves), gives back copies last in first out, moves foreign tensors."""
+    p = L.SkipParking("cpu")
+    assert not p.cuda and p.stream is None
+    ts = [torch.randn(2, 3, 4, 5) for _ in range(3)]
+    hosts = [p.park(t) for t in ts]
+    assert all(h is not t and h.data_ptr() != t.data_ptr() and torch.equal(h, t) for h, t in zip(hosts, ts))
+    assert p.parked_bytes == p.peak_parked_bytes == 3 * ts[0].numel() * 4 and len(p) == 3
+    for h, t in zip(reversed(hosts), reversed(ts)):
+        back = p.fetch(h)
+        assert back is not h and back.data_ptr() != h.data_ptr() and torch.equal(back, t)
+    assert len(p) == 0 and p.parked_bytes == 0
+    other = torch.ones(2)
+    assert p.fetch(other) is other  # not parked: moved (already here)
+    pool = []
+    q = L.SkipParking("cpu", host_alloc=lambda shape, dtype: pool.append(torch.zeros(shape, dtype=dtype)) or pool[-1])
+    assert q.park(ts[0]) is pool[0] and torch.equal(pool[0], ts[0])
+
+
+def test_skip_bytes_sd15(L):
+    # SD-1.5 at 64x64 latent: conv_in 320 + level 0 2x320 + down 320/4 + level 1 2x640/4 + down 640/16 + ...
+    per_px = 320 + 640 + 80 + 320 + 40 + 160 + 20 + 40
+    assert L.skip_bytes((1, 4, 64, 64), (1, 2, 4, 4), 320, 2, 2) == per_px * 64 * 64 * 2
+
+
+# -- whole UNets --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd15(comfy_inproc, pack, tmp_path_factory):
+    import comfy.model_management as mm
+    import comfy.sd
+    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")))
+    d = tmp_path_factory.mktemp("lf")
+    ck = pack.linfusion_core.checkpoint.load_checkpoint(
+        linfusion_fixtures.write("sd15", d / "lf.safetensors", layout="file", seed=4))
+    yield {"unet": unet, "ck": ck}
+    mm.unload_all_models()
+    del unet
+    mm.soft_empty_cache()
+
+
+def _apply(pack, unet, ck, mode):
+    return pack.nodes.patching.apply_linfusion(unet, ck, 0, mode)
+
+
+def _run(m, x, t=SIGMA, control=None, **cond):
+    import comfy.model_management as mm
+    mm.load_models_gpu([m])
+    with torch.no_grad():
+        return m.model.apply_model(x, t, control=control, transformer_options=sampling_options(m), **cond).float()
+
+
+def sampling_options(m) -> dict:
+    """transformer_options as ComfyUI's sampler hands them to apply_model: the patcher's wrappers merged in
+    (comfy/sampler_helpers.py prepare_model_patcher)."""
+    import comfy.patcher_extension as pe
+    to = dict(m.model_options.get("transformer_options", {}))
+    to["wrappers"] = {}
+    pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
+    return to
+
+
+def _sd15_inputs(seed=0, h=24, w=40):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, h, w, generator=g), torch.randn(1, 77, 768, generator=g)
+
+
+def test_off_installs_nothing_and_input_model_untouched(pack, sd15, NL):
+    import comfy.patcher_extension as pe
+    unet = sd15["unet"]
+    off = _apply(pack, unet, sd15["ck"], "off")
+    on = _apply(pack, unet, sd15["ck"], "on")
+    assert not any(isinstance(v, NL.NormActSequential) for v in off.object_patches.values())
+    assert not off.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
+    seqs = {k: v for k, v in on.object_patches.items() if isinstance(v, NL.NormActSequential)}
+    assert len(seqs) == 2 * 22  # SD-1.5: 22 ResBlocks (8 input side, 2 middle, 12 output side), in and out layers each
+    assert on.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
+    # same children under the same names: weight keys and LoRA keys resolve to the same modules
+    key = "diffusion_model.input_blocks.1.0.in_layers"
+    assert seqs[key][0] is unet.get_model_object(key)[0] and list(seqs[key]._modules) == ["0", "1", "2"]
+    assert unet.object_patches == {} and not unet.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
+    assert type(unet.model.diffusion_model.input_blocks[1][0].in_layers) is torch.nn.Sequential
+
+
+def test_sd15_unet_exact(pack, sd15, counts, small_chunks):
+    """Mode on against mode off through the whole true-size SD-1.5 UNet (fp32): <= 1e-6 relative; every skip
+    went through the parking and every ResBlock's norm through the chunked pass."""
+    x, c = _sd15_inputs()
+    off = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, c_crossattn=c)
+    assert counts == {"park": 0, "fetch": 0, "chunked_gn": 0}
+    on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
+    assert counts["park"] == counts["fetch"] == 12
+    assert counts["chunked_gn"] == 2 * 22
+    print(f"SD-1.5 UNet, mode on vs off: {rel(on, off):.2e} relative")
+    assert rel(on, off) <= 1e-6, rel(on, off)
+    assert not torch.equal(on, torch.zeros_like(on))
+    # without the chunked norm the skips alone are bit-exact
+    counts["park"] = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pack.nodes.lowmem.NormActSequential, "chunk_elements", 1 << 30)
+        whole = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
+    assert counts["park"] == 12 and torch.equal(whole, off)
+
+
+def _controlnet_residuals(net, x, cond, seed=3):
+    """ComfyUI's sampler path: ControlNetApplyAdvanced's copy, set_cond_hint, pre_run, get_control."""
+    import comfy.model_management
+    import comfy.model_sampling
+
+    class MS(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+        pass
+
+    class Model:
+        model_sampling = MS(None)
+
+    g = torch.Generator().manual_seed(seed)
+    hint = torch.rand(1, 3, 8 * x.shape[2], 8 * x.shape[3], generator=g)
+    c = net.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+    c.pre_run(Model(), lambda p: Model.model_sampling.percent_to_sigma(p))
+    comfy.model_management.load_models_gpu(c.get_models())
+    with torch.no_grad():
+        out = c.get_control(x, SIGMA, cond, 1, {})
+    c.cleanup()
+    return out
+
+
+def _fresh(control):
+    """A new control dict over the same tensors (the UNet pops its lists)."""
+    return {k: list(v) for k, v in control.items()}
+
+
+def test_sd15_unet_exact_with_controlnet(pack, sd15, counts, small_chunks, monkeypatch, caplog):
+    """A real-architecture SD-1.5 ControlNet attached: mode on equals mode off (<= 1e-6 relative), the residuals
+    change the output (so they were added), and ComfyUI's own output-side apply_control never meets a parked
+    skip together with a residual (on CUDA that add would fail and be dropped with a warning)."""
+    import comfy.controlnet
+    import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+    net = comfy.controlnet.load_controlnet(str(controlnet_fixtures.ensure_controlnet("sd15", "original")))
+    x, c = _sd15_inputs(1)
+    control = _controlnet_residuals(net, x, {"c_crossattn": c})
+    assert len(control["output"]) == 12 and all(t is not None for t in control["output"])
+    plain = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, c_crossattn=c)
+    off = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, control=_fresh(control), c_crossattn=c)
+    assert rel(off, plain) > 1e-3  # the ControlNet matters
+
+    seen = []
+    real_apply_control = oai.apply_control
+
+    def watch(h, ctrl, name):
+        if name == "output" and ctrl is not None and ctrl.get(name):
+            seen.append(ctrl[name][-1] is None)
+        return real_apply_control(h, ctrl, name)
+    monkeypatch.setattr(oai, "apply_control", watch)
+    with caplog.at_level(logging.WARNING):
+        on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, control=_fresh(control), c_crossattn=c)
+    assert "control could not be applied" not in caplog.text
+    assert counts["park"] == 12 and len(seen) == 12 and all(seen)  # ComfyUI got Nones; the patch added them
+    print(f"SD-1.5 UNet + ControlNet, mode on vs off: {rel(on, off):.2e} relative")
+    assert rel(on, off) <= 1e-6, rel(on, off)
+    del net
+
+
+def test_sdxl_unet_exact(pack, comfy_inproc, counts, small_chunks, tmp_path_factory):
+    """The true-size SD-XL UNet (10 GB in fp32), mode on against off, with a real-architecture SD-XL ControlNet
+    (diffusers' "small" layout) attached in a second pair of steps."""
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.sd
+    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sdxl-unet")))
+    try:
+        d = tmp_path_factory.mktemp("lfxl")
+        ck = pack.linfusion_core.checkpoint.load_checkpoint(
+            linfusion_fixtures.write("sdxl", d / "lf.safetensors", layout="file", seed=4, projections=False))
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(1, 4, 16, 24, generator=g)
+        cond = {"c_crossattn": torch.randn(1, 77, 2048, generator=g), "y": torch.randn(1, 2816, generator=g)}
+        off = _run(_apply(pack, unet, ck, "off"), x, **cond)
+        on = _run(_apply(pack, unet, ck, "on"), x, **cond)
+        assert counts["park"] == counts["fetch"] == 9
+        print(f"SD-XL UNet, mode on vs off: {rel(on, off):.2e} relative")
+        assert rel(on, off) <= 1e-6, rel(on, off)
+        net = comfy.controlnet.load_controlnet(str(controlnet_fixtures.ensure_controlnet("sdxl-small", "diffusers")))
+        control = _controlnet_residuals(net, x, cond)
+        off_c = _run(_apply(pack, unet, ck, "off"), x, control=_fresh(control), **cond)
+        on_c = _run(_apply(pack, unet, ck, "on"), x, control=_fresh(control), **cond)
+        assert rel(off_c, off) > 1e-3
+        print(f"SD-XL UNet + ControlNet, mode on vs off: {rel(on_c, off_c):.2e} relative")
+        assert rel(on_c, off_c) <= 1e-6, rel(on_c, off_c)
+        del net
+    finally:
+        mm.unload_all_models()
+        del unet
+        mm.soft_empty_cache()
+
+
+# -- the estimate and the auto switch -------------------------------------------------------------------------------
+
+def test_estimate_knows_the_mode(pack, sd15, monkeypatch):
+    import comfy.model_management as mm
+    memory = pack.nodes.memory
+    families = pack.linfusion_core.families.BY_KEY
+    sd = families["sd15"]
+    assert "lowmem" in sd.memory and "lowmem" in families["sdxl"].memory
+    big = [1, 4, 2048, 1024]  # SD-1.5 16K
+    for fam in ("sd15", "sdxl"):
+        for dsize in (2, 4):
+            off = memory.linear_estimate(big, dsize, families[fam])
+            low = memory.linear_estimate(big, dsize, families[fam], low_memory=True)
+            assert low < off, fam  # measured: SD-1.5 saves little (its peak is level 0's attention), SD-XL ~40 %
+    small = [1, 4, 8, 8]
+    assert memory.linear_estimate(small, 4, sd, low_memory=True) <= memory.linear_estimate(small, 4, sd)
+
+    on = _apply(pack, sd15["unet"], sd15["ck"], "on").object_patches["memory_required"]
+    off = _apply(pack, sd15["unet"], sd15["ck"], "off").object_patches["memory_required"]
+    auto = _apply(pack, sd15["unet"], sd15["ck"], "auto").object_patches["memory_required"]
+    e_off, e_on = off(big), on(big)
+    assert e_on == memory.linear_estimate(big, 4, sd, low_memory=True) * 1.0 < e_off == memory.linear_estimate(big, 4, sd)
+    assert auto(big, low_memory=False) == e_off and auto(big, low_memory=True) == e_on
+
+    mm.load_models_gpu([_apply(pack, sd15["unet"], sd15["ck"], "auto")])  # weights resident: free is all for the step
+    free = {"v": 1e15}
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: free["v"])
+    assert auto(big) == e_off and not auto.low_memory_needed(big)  # fits: the ordinary line (ComfyUI batches)
+    free["v"] = e_off - 1
+    assert auto(big) == e_on and auto.low_memory_needed(big)  # does not fit: the mode's line
+    # CFG: cond + uncond (2 rows) do not fit, one does: report the ordinary line so ComfyUI runs them one by one
+    two = [2] + big[1:]
+    free["v"] = (off(big) + off(two)) / 2
+    assert auto(two) == off(two) and auto(big) == e_off
+    # neither fits without the mode: the mode's line, for the pair (ComfyUI batches them when that fits)
+    free["v"] = e_off - 1
+    assert auto(two) == on(two) < off(two)
+
+
+def test_auto_switches_on_when_the_step_would_not_fit(pack, sd15, counts, small_chunks, monkeypatch):
+    import comfy.model_management as mm
+    x, c = _sd15_inputs(2, 16, 24)
+    auto = _apply(pack, sd15["unet"], sd15["ck"], "auto")
+    est = auto.object_patches["memory_required"]
+    ref = _run(auto, x, c_crossattn=c)
+    assert counts["park"] == 0  # plenty of memory here: off
+    real = mm.get_free_memory
+    small = est(list(x.shape), low_memory=False) * 0.9
+
+    def free(dev=None, torch_free_too=False):
+        # a card with little free memory, as our estimate asks (one argument); ComfyUI's CPU attention, which
+        # sizes its own chunks from (free, torch free), keeps the real figures so that both runs compute alike
+        return real(dev, True) if torch_free_too else small
+    monkeypatch.setattr(mm, "get_free_memory", free)
+    low = _run(auto, x, c_crossattn=c)
+    assert counts["park"] == 12 and counts["chunked_gn"] == 2 * 22
+    assert rel(low, ref) <= 1e-6
+
+
+def test_node_input(pack):
+    node = pack.NODE_CLASS_MAPPINGS["ApplyLinFusion"]
+    spec = node.INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "linfusion"]
+    choices, opts = spec["optional"]["low_memory"]
+    assert choices == ["auto", "on", "off"] and opts["default"] == "auto" and opts["tooltip"]
+    import inspect
+    assert inspect.signature(node.apply).parameters["low_memory"].default == "auto"
