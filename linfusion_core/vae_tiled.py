@@ -538,6 +538,8 @@ def decode(first_stage_model, latent: torch.Tensor, *, tile: int = 1024, overlap
                 return r
             return out
         except _Overflow:
+            if dtype != torch.float16:
+                raise FloatingPointError(f"the VAE decode gives non-finite values in {dtype}") from None
             new = _upcast_dtype(device)
             if on_upcast is not None:
                 on_upcast(new)
@@ -589,6 +591,8 @@ def encode(first_stage_model, pixels: torch.Tensor, *, tile: int = 1024, overlap
                 return r
             return out
         except _Overflow:
+            if dtype != torch.float16:
+                raise FloatingPointError(f"the VAE encode gives non-finite values in {dtype}") from None
             new = _upcast_dtype(device)
             if on_upcast is not None:
                 on_upcast(new)

@@ -151,7 +151,8 @@ def test_fp16_overflow_reruns_in_higher_precision(vt):
     (fp32 on the CPU) on a cast copy; the caller's module is left in fp16."""
     m = _swap_attention(_model("kl"), "identity")
     with torch.no_grad():
-        m.decoder.conv_in.weight.mul_(1e5)  # conv_in's output beyond fp16's 65504
+        m.post_quant_conv.weight.mul_(3e3)  # weights still within fp16, conv_in's output far beyond 65504
+        m.decoder.conv_in.weight.mul_(3e3)
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         ref = m.decode(z)
@@ -266,9 +267,9 @@ def test_node_falls_back_to_comfyui_tiling_when_ram_is_short(pack, comfy_vae, mo
     dec = pack.NODE_CLASS_MAPPINGS["LinFusionVAEDecodeTiled"]()
     enc = pack.NODE_CLASS_MAPPINGS["LinFusionVAEEncodeTiled"]()
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(12))
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING"), torch.inference_mode():  # as ComfyUI runs nodes
         (img,) = dec.decode({"samples": z}, comfy_vae, tile_size=256, overlap=64)
-    assert "falling back" in caplog.text
-    assert torch.equal(img, comfy_vae.decode_tiled(z, tile_x=32, tile_y=32, overlap=8))
-    (lat,) = enc.encode(img, comfy_vae, tile_size=256, overlap=64)
-    assert torch.equal(lat["samples"], comfy_vae.encode_tiled(img, tile_x=256, tile_y=256, overlap=64))
+        assert "falling back" in caplog.text
+        assert torch.equal(img, comfy_vae.decode_tiled(z, tile_x=32, tile_y=32, overlap=8))
+        (lat,) = enc.encode(img, comfy_vae, tile_size=256, overlap=64)
+        assert torch.equal(lat["samples"], comfy_vae.encode_tiled(img, tile_x=256, tile_y=256, overlap=64))
