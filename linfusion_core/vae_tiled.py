@@ -119,10 +119,14 @@ class _Stats:
     def add(self, t: torch.Tensor) -> None:
         if self.planning:
             return
-        x = t.reshape(self.groups, -1)
-        var, mean = torch.var_mean(x.float(), dim=1, unbiased=False)
-        n = x.shape[1]
-        mean, m2 = mean.to(self.mean.dtype), var.to(self.mean.dtype) * n
+        # per channel first (no copy of the strided core), then channels into groups (float64)
+        var_c, mean_c = torch.var_mean(t.float(), dim=(0, 2, 3), unbiased=False)
+        n_c = t.shape[0] * t.shape[2] * t.shape[3]
+        mean_c = mean_c.to(self.mean.dtype).view(self.groups, -1)
+        var_c = var_c.to(self.mean.dtype).view(self.groups, -1)
+        mean = mean_c.mean(1)
+        m2 = n_c * (var_c.sum(1) + ((mean_c - mean[:, None]) ** 2).sum(1))
+        n = n_c * mean_c.shape[1]
         tot = self.n + n
         delta = mean - self.mean
         self.mean += delta * (n / tot)
@@ -376,7 +380,8 @@ def _decode_one(r: _Runner, dec, pqc, z):
             c = x.shape[1]
             # Store the upsampled map unless it would be the largest thing kept (the decoder's last upsampler:
             # 256 channels at full resolution); then recompute it inside the next block (costs one more conv).
-            if c * 4 * H * W <= r.ch0 * r.full_area:
+            # keep_upsampled=True stores it anyway (faster, 512 instead of 320 x H x W values kept).
+            if r.keep_upsampled or (r.keep_upsampled is None and c * 4 * H * W <= r.ch0 * r.full_area):
                 u = r.new_map(c, 2 * H, 2 * W)
                 ust = r.stats(dec.up[i_level - 1].block[0].norm1)
                 r.sweep([x], 2, 1, up, [(u, ust)], r.side(c) // 2 * 2)
@@ -495,13 +500,15 @@ def _cast_copy(mods, dtype):
 def decode(first_stage_model, latent: torch.Tensor, *, tile: int = 1024, overlap: int = 64, device=None,
            dtype=None, out_device="cpu", park=None, progress: Optional[Callable[[int], None]] = None,
            norm_params=None, attention=None, on_upcast: Optional[Callable[[torch.dtype], None]] = None,
-           attention_tile: Optional[int] = None, _planning: bool = False):
+           attention_tile: Optional[int] = None, keep_upsampled: Optional[bool] = None, _planning: bool = False):
     """Decode ``latent`` (B, C, h, w) with ``first_stage_model`` (ComfyUI's AutoencoderKL / AutoencodingEngine).
     Returns the raw decoder output (B, out_ch, 8h, 8w) float32 on ``out_device`` (before ComfyUI's
     ``process_output``). ``tile``/``overlap`` in image pixels (``attention_tile``, default ``tile``, sets the attention
     tile alone); ``progress(ticks)`` after every tile (raise from it to
     interrupt). In fp16, a non-finite activation (the SD-XL VAE overflows fp16) restarts the decode in bf16 (CUDA)
-    or fp32 on a cast copy of the modules, and calls ``on_upcast(new_dtype)``."""
+    or fp32 on a cast copy of the modules, and calls ``on_upcast(new_dtype)``. ``keep_upsampled``: store the
+    decoder's last upsampled map (256 channels at full resolution) instead of recomputing it per tile: about 12 %
+    faster, 1.6x the kept memory (None: store it only when it is not the largest map)."""
     _validate(tile, overlap)
     check_supported(first_stage_model, "decode")
     if latent.ndim != 4:
@@ -521,6 +528,7 @@ def decode(first_stage_model, latent: torch.Tensor, *, tile: int = 1024, overlap
         r = _runner(device, dtype, tile, overlap, dec.ch, progress, norm_params, attention, _planning, out_device,
                     h * w * up * up, park, attention_tile)
         r.down = up
+        r.keep_upsampled = keep_upsampled
         try:
             out = torch.empty((B, dec.conv_out.out_channels, h * up, w * up), dtype=torch.float32,
                               device="meta" if _planning else out_device)
@@ -601,11 +609,12 @@ def encode(first_stage_model, pixels: torch.Tensor, *, tile: int = 1024, overlap
 
 
 def plan(first_stage_model, shape, *, what: str = "decode", tile: int = 1024, overlap: int = 64, dtype=None,
-         attention_tile: Optional[int] = None):
+         attention_tile: Optional[int] = None, keep_upsampled: Optional[bool] = None):
     """Without computing anything: the number of tile steps (for a progress bar) and the peak bytes of parked
     activations for a latent (decode) or image (encode) of ``shape`` (B, C, H, W)."""
     meta = torch.empty(shape, device="meta")
     fn = decode if what == "decode" else encode
+    kw = {"keep_upsampled": keep_upsampled} if what == "decode" else {}
     r = fn(first_stage_model, meta, tile=tile, overlap=overlap, device="cpu", dtype=dtype,
-           attention_tile=attention_tile, _planning=True)
+           attention_tile=attention_tile, _planning=True, **kw)
     return {"steps": r.ticks, "kept_bytes": r.peak}

@@ -89,6 +89,9 @@ def test_decode_equals_untiled_apart_from_attention(vt, arch, attn):
         out = vt.decode(m, z, tile=16, overlap=16, progress=ticks.append)
     assert out.shape == ref.shape == (z.shape[0], 3, 96, 160)
     assert _err(out, ref) < TOL
+    if arch == "kl" and attn == "identity":  # the variant that stores the last upsampled map
+        with torch.inference_mode():
+            assert _err(vt.decode(m, z, tile=16, overlap=16, keep_upsampled=True), ref) < TOL
     plan = vt.plan(m, tuple(z.shape), what="decode", tile=16, overlap=16)
     assert ticks == list(range(1, plan["steps"] + 1)) and plan["steps"] > 100  # many tiles, counted right
 
@@ -175,6 +178,8 @@ def test_kept_activations_at_16k(vt):
     enc = vt.plan(m, (1, 3, H, W), what="encode", dtype=torch.float16)
     assert dec["kept_bytes"] == 320 * H * W * 2
     assert enc["kept_bytes"] == 256 * H * W * 2
+    fast = vt.plan(m, (1, 4, H // 8, W // 8), what="decode", dtype=torch.float16, keep_upsampled=True)
+    assert fast["kept_bytes"] == 512 * H * W * 2
 
 
 def test_bad_input_is_named(vt):
