@@ -112,7 +112,12 @@ GPU_CONFIG = {
              "target_s": 1.5, "warmup": True},
     "chain": {"stages": 5, "steps": 2, "scale": 1.0},
     "lowmem": gpu_lowmem.GPU,
-    "shares": {"attention": 0.15, "unet": 0.25, "lowmem": 0.2},  # at most; the chain (slowest, 16K) gets the rest
+    # The 16K decode (latent 2048x1024) of the SD-1.5 and SD-XL VAE in fp16: ComfyUI's VAE Decode (Tiled) against
+    # this pack's, at one tile size. Opt-in on a GPU (--sections ... vae): it needs about 80 GiB of host RAM.
+    "vae": {"sizes": [[16384, 8192]], "archs": ["sd15", "sdxl"], "impls": ["linfusion", "comfyui"],
+            "tile": 1024, "overlap": 64, "dtype": "float16"},
+    # at most; the chain (slowest, 16K) gets the rest
+    "shares": {"attention": 0.15, "unet": 0.2, "lowmem": 0.15, "vae": 0.3},
     "budget": 480.0,
 }
 DRY_CONFIG = {
@@ -124,7 +129,9 @@ DRY_CONFIG = {
              "stock_max_latent_px": None, "max_reps": 1, "target_s": 0.0, "warmup": False},
     "chain": {"stages": 2, "steps": 1, "scale": 1 / 16},
     "lowmem": gpu_lowmem.DRY,
-    "shares": {"attention": 0.25, "unet": 0.4, "lowmem": 0.15},
+    "vae": {"sizes": [[128, 64]], "archs": ["sd15", "sdxl"], "impls": ["linfusion", "comfyui"],
+            "tile": 64, "overlap": 16, "dtype": "float32"},  # fp16 convolutions crawl on a CPU
+    "shares": {"attention": 0.2, "unet": 0.35, "lowmem": 0.15, "vae": 0.15},
     # Generous: on a shared 2-core machine one tiny UNet call can take minutes when memory is short; the time
     # guards themselves are tested apart (tests/test_gpu_check.py).
     "budget": 1500.0,
@@ -995,7 +1002,109 @@ def install_import_blocker() -> list:
     return sorted(blocked)
 
 
+
+# ================================================================================================ vae section
+def vae_skip_reason(last_seconds, left: float):
+    """Skip the next row when the previous one (same size), with a 30 % margin, would not fit in the time left."""
+    if left <= 0:
+        return "the section's time is spent"
+    if last_seconds is not None and last_seconds * 1.3 > left:
+        return f"the previous row took {last_seconds:.0f} s and {left:.0f} s are left"
+    return None
+
+
+def child_vae(spec: dict, rec: Record) -> None:
+    """Tiled VAE decode at the 16K stage: this pack's LinFusionVAEDecodeTiled against ComfyUI's VAE.decode_tiled
+    (what VAE Decode (Tiled) calls), same tile size and overlap, for a KL VAE of the SD-1.5 and of the SD-XL kind
+    (one architecture in ComfyUI: random weights, seeds 3 and 4) in the configured dtype. Time, peak device memory
+    (torch.cuda.max_memory_allocated) and peak host RSS growth; distance between the two results."""
+    cfg, deadline = spec["cfg"], spec["deadline"]
+    import_comfy(spec)
+    import gc
+    import torch
+    import comfy.model_management as mm
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    sys.path.insert(0, str(BENCH))
+    import unet_variants
+    from harness.fixtures import VAE_DDCONFIG, randomize_
+    from harness.host import import_pack
+    from harness.peakmem import PeakRSS
+
+    cuda = mm.get_torch_device().type == "cuda"
+    env = torch_env(torch, cuda)
+    env.update(comfy_env(spec))
+    rec.data["env"] = env
+    rec.save()
+    pack = import_pack("LinFusionGPUCheck")
+    ours = pack.NODE_CLASS_MAPPINGS["LinFusionVAEDecodeTiled"]()
+    dtype = getattr(torch, cfg["dtype"])
+    tile, overlap = cfg["tile"], cfg["overlap"]
+    for arch in cfg["archs"]:
+        m = AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4)
+        randomize_(m, seed={"sd15": 3, "sdxl": 4}.get(arch, 5))
+        vae = comfy.sd.VAE(sd=m.state_dict(), dtype=dtype)
+        del m
+        for w, h in cfg["sizes"]:
+            z = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
+            plan = pack.linfusion_core.vae_tiled.plan(vae.first_stage_model, tuple(z.shape), tile=tile,
+                                                      overlap=overlap, dtype=vae.vae_dtype)
+            outs, last = {}, None
+            for impl in cfg["impls"]:
+                what = f"{arch} {impl} {w}x{h}"
+                why = vae_skip_reason(last, deadline - time.time())
+                if why:
+                    rec.skip(what, why)
+                    continue
+                row = {"arch": arch, "impl": impl, "size": [w, h], "latent": [w // 8, h // 8], "tile": tile,
+                       "overlap": overlap, "dtype": str(vae.vae_dtype).replace("torch.", "")}
+                if impl == "linfusion":
+                    row["kept_bytes"] = plan["kept_bytes"]
+                try:
+                    rss = PeakRSS()
+                    dev = unet_variants.CudaPeak(torch) if cuda else None
+                    with rss:
+                        if dev:
+                            dev.__enter__()
+                        t = time.perf_counter()
+                        with torch.inference_mode():
+                            if impl == "linfusion":
+                                img = ours.decode({"samples": z}, vae, tile, overlap)[0]
+                            else:
+                                img = vae.decode_tiled(z, tile_x=tile // 8, tile_y=tile // 8,
+                                                       overlap=min(overlap, tile // 4) // 8)
+                        if cuda:
+                            torch.cuda.synchronize()
+                        row["seconds"] = time.perf_counter() - t
+                        if dev:
+                            dev.__exit__(None, None, None)
+                            row["peak_device_bytes"] = dev.peak
+                    row["peak_rss_bytes"] = rss.peak
+                    row["finite"] = bool(torch.isfinite(img).all().item())
+                    outs[impl] = img
+                    last = row["seconds"]
+                    log(f"vae {what}: {row['seconds']:8.2f} s  device +{row.get('peak_device_bytes', 0) / 2**30:.2f} "
+                        f"GiB  RSS +{rss.peak / 2**30:.2f} GiB")
+                except Exception as e:
+                    oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+                    row["error"] = ("OOM: " if oom else "") + first_line(e)
+                    row["traceback"] = traceback.format_exc()[-2000:]
+                    log(f"vae {what}: {row['error']}")
+                if "linfusion" in outs and "comfyui" in outs and impl == "comfyui":
+                    d = (outs["linfusion"] - outs["comfyui"]).abs()
+                    row["dist_to_linfusion"] = {"max": float(d.max()), "mean": float(d.mean())}
+                rec.row(row)
+            del outs
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        del vae
+        mm.unload_all_models()
+        gc.collect()
+
+
 CHILDREN = {"attention": child_attention, "unet": child_unet, "chain": child_chain, "prepare": child_prepare,
+            "vae": child_vae,
             "lowmem": lambda spec, rec: gpu_lowmem.child_lowmem(spec, rec, sys.modules[__name__])}
 
 
@@ -1148,8 +1257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU dry run at tiny sizes (what the test suite runs)")
     ap.add_argument("--comfyui", help="ComfyUI tree (default: COMFYUI_PATH, else .gpu-carry/comfyui)")
     ap.add_argument("--budget", type=float, help="seconds for the whole check (default 480 on a GPU)")
-    ap.add_argument("--sections", nargs="+", default=["attention", "unet", "lowmem", "chain"],
-                    choices=["attention", "unet", "lowmem", "chain"])
+    ap.add_argument("--sections", nargs="+", default=None, choices=["attention", "unet", "lowmem", "chain", "vae"],
+                    help="default: attention unet lowmem chain (on a GPU; the 16K VAE rows need ~80 GiB of host "
+                         "RAM, add vae to run them), attention unet lowmem vae chain (--dry)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the .json and .md go")
     ap.add_argument("--work", type=Path, help="scratch folder (base dir, images, parts; default: a temp folder)")
     ap.add_argument("--fixtures-dir", type=Path,
@@ -1169,6 +1279,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--make-fixture", nargs=2, metavar=("NAME", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.sections is None:
+        args.sections = (["attention", "unet", "lowmem", "vae", "chain"] if args.dry
+                         else ["attention", "unet", "lowmem", "chain"])
     if args.child:
         return child_main(args.child, args.spec, args.out)
     if args.make_fixture:  # harness.fixtures.build in this process (run by the prepare section)
@@ -1231,8 +1344,16 @@ def main(argv=None) -> int:
             models = {"ckpt_path": p["ckpt_path"], "linfusion_path": p["linfusion_path"]}
         else:
             log(f"stand-in weights failed: {p.get('error')}\n{(work / 'prepare.log').read_text()[-3000:]}")
-    for section in ("unet", "lowmem", "chain"):
+    for section in ("unet", "lowmem", "vae", "chain"):
         if section not in args.sections:
+            continue
+        if section == "vae":  # needs no stand-in checkpoint: the VAEs are built in the section
+            log("section vae")
+            until = share("vae")
+            report["sections"]["vae"] = Child(
+                "vae", dict(common, cfg=config["vae"], deadline=until), work,
+                child_env(args.dry, comfyui, "vae", args.emulate_gpu_image)).wait(until + 20)
+            write_report(report, args, t_start)
             continue
         if not models:
             report["sections"][section] = {"section": section, "status": "not run",
@@ -1368,6 +1489,26 @@ def markdown(rep: dict) -> str:
                      f"{_gib(r.get('estimate_bytes'))} |")
         L += _skips(u)
     L += gpu_lowmem.markdown(secs.get("lowmem"), _gib)
+    v = secs.get("vae")
+    if v and v.get("status") != "not run":
+        L += ["## Tiled VAE decode (LinFusionVAEDecodeTiled vs ComfyUI's VAE Decode (Tiled))", "",
+              f"status {v.get('status')}. Same tile_size/overlap for both; peak device memory: "
+              "torch.cuda.max_memory_allocated above the start; host: peak RSS growth. 'kept': the whole-image "
+              "activations the exact tiling keeps (host RAM on a GPU).", "",
+              "| VAE | size | impl | dtype | tile / overlap | time | peak device | peak host RSS | kept | "
+              "max / mean vs LinFusion |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in v.get("rows", []):
+            size = f"{r['size'][0]}×{r['size'][1]}"
+            if "error" in r:
+                L.append(f"| {r['arch']} | {size} | {r['impl']} | {r['dtype']} | | failed: {r['error'][:120]} "
+                         "| | | | |")
+                continue
+            d = r.get("dist_to_linfusion")
+            dist = f"{d['max']:.4f} / {d['mean']:.5f}" if d else "–"
+            L.append(f"| {r['arch']} | {size} | {r['impl']} | {r['dtype']} | {r['tile']} / {r['overlap']} | "
+                     f"{r['seconds']:.2f} s | {_gib(r.get('peak_device_bytes'))} | {_gib(r.get('peak_rss_bytes'))} | "
+                     f"{_gib(r.get('kept_bytes'))} | {dist} |")
+        L += _skips(v)
     for key in ("chain", "chain_classic"):
         c = secs.get(key)
         if not c or c.get("status") == "not run":

@@ -70,9 +70,8 @@ def chain(s: Spec, *, model, pos, neg, vae, first_image, stages, tiled_from, pre
         s.add(k + "scale", "ImageScale", (x, rows["scale"]), {"upscale_method": "bicubic", "width": w, "height": h,
                                                               "crop": "disabled"}, {"image": (img, 0)})
         if tiled:
-            s.add(k + "enc", "VAEEncodeTiled", (x, rows["enc"]), {"tile_size": tile_encode[0],
-                                                                   "overlap": tile_encode[1], "temporal_size": 64,
-                                                                   "temporal_overlap": 8},
+            s.add(k + "enc", "LinFusionVAEEncodeTiled", (x, rows["enc"]), {"tile_size": tile_encode[0],
+                                                                            "overlap": tile_encode[1]},
                   {"pixels": (k + "scale", 0), "vae": vae})
         else:
             s.add(k + "enc", "VAEEncode", (x, rows["enc"]), {}, {"pixels": (k + "scale", 0), "vae": vae})
@@ -86,9 +85,8 @@ def chain(s: Spec, *, model, pos, neg, vae, first_image, stages, tiled_from, pre
         s.add(k + "ks", "KSampler", (x, rows["ks"]), _ksampler(steps, denoise, cfg, seed, sampler, scheduler),
               {"model": model, **cond, "latent_image": (k + "enc", 0)})
         if tiled:
-            s.add(k + "dec", "VAEDecodeTiled", (x, rows["dec"]), {"tile_size": tile_decode[0],
-                                                                   "overlap": tile_decode[1], "temporal_size": 64,
-                                                                   "temporal_overlap": 8},
+            s.add(k + "dec", "LinFusionVAEDecodeTiled", (x, rows["dec"]), {"tile_size": tile_decode[0],
+                                                                            "overlap": tile_decode[1]},
                   {"samples": (k + "ks", 0), "vae": vae})
         else:
             s.add(k + "dec", "VAEDecode", (x, rows["dec"]), {}, {"samples": (k + "ks", 0), "vae": vae})
@@ -110,7 +108,7 @@ SD15_NOTE = """# LinFusion SD-1.5: text to 16384x8192 (the authors' SDEdit chain
 
 **LinFusion.** Every KSampler uses the model patched by *Apply LinFusion* (weights `Yuanshi/LinFusion-1-5`, downloaded into models/linfusion/ on first use). `softmax_below_tokens` = 0: LinFusion everywhere, as the authors ran it, because SD-1.5's own attention at 1024x512 (twice its training size) tends to duplicate objects, and LinFusion carries over resolution better. Set it to 16384 to keep stock softmax attention where it is cheap (the base stage and the deeper levels of stage 2).
 
-**VAE.** Tiled encode/decode from the 4K stage on (tile 2048 px, overlap 512 px for encode; 2048/512 for decode, like the reference notebook). Lower tile_size if the VAE runs out of memory.
+**VAE.** Tiled from the 4K stage on with *VAE Decode/Encode (Tiled, LinFusion)* (this pack): one pass, GroupNorm statistics over the whole image and convolution halos, so apart from the VAE's mid-block attention (per tile) the result is the untiled one; ComfyUI's VAE Decode/Encode (Tiled) runs three tilings and averages them (three times the work, each tile with its own statistics), which made the VAE the slowest part of the chain once attention is linear. Tile 2048 px (the reference notebook's), overlap 128 px of attention context; lower tile_size if the VAE runs out of GPU memory. The whole-image activations it keeps live in RAM (about 80 GB at 16K in fp16/bf16).
 
 **Memory.** 16K with SD-1.5 wants a GPU with ~40-80 GB; the peak is the 16K KSampler. Intermediates are shown by Preview Image; only the final image is saved.
 
@@ -126,7 +124,7 @@ Base 1024x512, then 2x, 4x, 8x, 16x stages (2048x1024 ... 16384x8192) with **den
 
 **Not included:** the DemoFusion-style dilated global path and skip residual of the authors' SD-XL pipeline (no node for them yet); this is plain SDEdit with LinFusion, sampler euler + ddim_uniform (their Euler with leading spacing).
 
-**VAE.** Tiled from the 4K stage on (1024 px tiles, 256 px overlap: SD-XL's defaults in diffusers)."""
+**VAE.** Tiled from the 4K stage on with *VAE Decode/Encode (Tiled, LinFusion)* (this pack): one pass, GroupNorm statistics over the whole image and convolution halos, so apart from the VAE's mid-block attention (per tile) the result is the untiled one; ComfyUI's VAE Decode/Encode (Tiled) runs three tilings and averages them (three times the work, each tile with its own statistics), which made the VAE the slowest part of the chain once attention is linear. Tile 2048 px, overlap 128 px of attention context; lower tile_size if the VAE runs out of GPU memory. The SD-XL VAE overflows in fp16; ComfyUI runs it in bf16 or fp32, and if fp16 is forced the node reruns in bf16/fp32 when it sees an overflow. The whole-image activations it keeps live in RAM (about 80 GB at 16K in fp16/bf16)."""
 
 UPSCALE_NOTE = """# LinFusion: upscale your own image in 2x stages
 
@@ -136,7 +134,7 @@ Load Image -> fit to 1024x1024 (ImageScale, crop center) -> 2048x2048 (denoise 0
 
 **Strength.** denoise 0.3/0.2 adds detail while keeping your picture; raise it for more new detail, lower it for fidelity. Steps = denoise x 50 keeps a 50-step schedule (KSampler runs `steps` of `int(steps/denoise)`).
 
-**Prompt.** Describe the image; the prompt steers the new detail. LinFusion: `Yuanshi/LinFusion-1-5`, `softmax_below_tokens` 0 (every stage is above SD-1.5's training size). VAE tiled at every stage (1024 px tiles) since the input size is yours."""
+**Prompt.** Describe the image; the prompt steers the new detail. LinFusion: `Yuanshi/LinFusion-1-5`, `softmax_below_tokens` 0 (every stage is above SD-1.5's training size). VAE tiled at every stage (1024 px tiles) since the input size is yours, with *VAE Decode/Encode (Tiled, LinFusion)* (this pack): one pass, GroupNorm statistics over the whole image and convolution halos, so apart from the VAE's mid-block attention (per tile) the result is the untiled one; ComfyUI's VAE Decode/Encode (Tiled) runs three tilings and averages them (three times the work, each tile with its own statistics), which made the VAE the slowest part of the chain once attention is linear."""
 
 
 TILE_NOTE = """# LinFusion SD-1.5 + Tile ControlNet: text to 16384x8192
@@ -151,7 +149,7 @@ The authors' SDEdit chain (1024x512 text-to-image, then 2x stages at 2048x1024 /
 - `strength` (0.6 here): how closely each stage follows the upscaled image. 0.4-1.0; lower gives the sampler more freedom, higher keeps the composition and colours locked.
 - `start_percent` / `end_percent` (0 / 1): when the ControlNet acts within each stage's steps; end 0.8 lets the last steps refine freely.
 - `steps` / `denoise`: KSampler runs `steps` of an `int(steps/denoise)`-step schedule, so 20/15/10/5 with 0.4/0.3/0.2/0.1 are "20/15/10/5 of 50", the authors' recipe. Keep steps/denoise = 50.
-- VAE: tiled encode/decode from the 4K stage on (2048 px tiles, 512 px overlap); lower tile_size if the VAE runs out of memory.
+- VAE: tiled from the 4K stage on (2048 px tiles, 128 px attention overlap) with *VAE Decode/Encode (Tiled, LinFusion)* (this pack): one pass, GroupNorm statistics over the whole image and convolution halos, so apart from the VAE's mid-block attention (per tile) the result is the untiled one; ComfyUI's VAE Decode/Encode (Tiled) runs three tilings and averages them (three times the work, each tile with its own statistics), which made the VAE the slowest part of the chain once attention is linear. Lower tile_size if the VAE runs out of GPU memory.
 
 **Memory.** The ControlNet's hint encoder runs convolutions at the full pixel size (linear in area, a few GB at 16K); the peak is the 16K stage (UNet + ControlNet). Plan for a GPU with ~40-80 GB at 16K. Intermediates are shown by Preview Image; only the final image is saved."""
 
@@ -175,7 +173,7 @@ def sd15_16k() -> Spec:
     chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="dec0",
           stages=[(2048, 1024, 20, 0.4), (4096, 2048, 15, 0.3), (8192, 4096, 10, 0.2), (16384, 8192, 5, 0.1)],
           tiled_from=4096 * 2048, prefix="LinFusion_sd15_16k", cfg=7.5, seed=3, sampler="deis",
-          scheduler="ddim_uniform", x0=COL, tile_encode=(2048, 512), tile_decode=(2048, 512))
+          scheduler="ddim_uniform", x0=COL, tile_encode=(2048, 128), tile_decode=(2048, 128))
     return s
 
 
@@ -205,7 +203,7 @@ def sdxl_16k() -> Spec:
     chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="dec0",
           stages=[(2048, 1024, 16, 0.32), (4096, 2048, 12, 0.24), (8192, 4096, 8, 0.16), (16384, 8192, 4, 0.08)],
           tiled_from=4096 * 2048, prefix="LinFusion_sdxl_16k", cfg=7.5, seed=42, sampler="euler",
-          scheduler="ddim_uniform", x0=COL, tile_encode=(1024, 256), tile_decode=(1024, 256))
+          scheduler="ddim_uniform", x0=COL, tile_encode=(2048, 128), tile_decode=(2048, 128))
     return s
 
 
@@ -232,7 +230,7 @@ def sd15_tile_controlnet_16k() -> Spec:
     chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="dec0",
           stages=[(2048, 1024, 20, 0.4), (4096, 2048, 15, 0.3), (8192, 4096, 10, 0.2), (16384, 8192, 5, 0.1)],
           tiled_from=4096 * 2048, prefix="LinFusion_sd15_tile_16k", cfg=7.5, seed=3, sampler="deis",
-          scheduler="ddim_uniform", x0=COL, tile_encode=(2048, 512), tile_decode=(2048, 512),
+          scheduler="ddim_uniform", x0=COL, tile_encode=(2048, 128), tile_decode=(2048, 128),
           control_net=("cnlf", 0), cn_strength=0.6, rows=ROWS_CN, group_h=1240)
     return s
 
@@ -254,8 +252,8 @@ def upscale_image() -> Spec:
                                           "crop": "center"}, {"image": ("load", 0)})
     chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="fit",
           stages=[(2048, 2048, 15, 0.3), (4096, 4096, 10, 0.2)], tiled_from=0, prefix="LinFusion_upscale",
-          cfg=7.0, seed=0, sampler="dpmpp_2m", scheduler="karras", x0=COL, tile_encode=(1024, 128),
-          tile_decode=(1024, 128))
+          cfg=7.0, seed=0, sampler="dpmpp_2m", scheduler="karras", x0=COL, tile_encode=(1024, 64),
+          tile_decode=(1024, 64))
     return s
 
 

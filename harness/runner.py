@@ -67,7 +67,7 @@ def scale_prompt(api: dict, object_info: dict, scale: float = 1.0, steps_scale: 
             lo, hi = opts.get("min", 0), opts.get("max", 1 << 30)
             if scale != 1.0 and name in SIZE_INPUTS and v:
                 node["inputs"][name] = _round_to(v * scale, 8, max(lo, 8 if name in ("width", "height") else 0), hi)
-            elif scale != 1.0 and name in TILE_INPUTS and node["class_type"].startswith("VAE"):
+            elif scale != 1.0 and name in TILE_INPUTS and "VAE" in node["class_type"]:
                 # Tiles stay >= 256 px (overlap >= 32): smaller tiles only multiply the per-tile overhead.
                 floor = 256 if name == "tile_size" else 32
                 node["inputs"][name] = _round_to(max(v * scale, min(v, floor)), opts.get("step", 32), lo, hi)
@@ -342,8 +342,11 @@ def collect(result: dict, api: dict, base_dir: Path, out_dir: Path | None, stage
     agg: dict = {}
     for rec in result["nodes"]:
         st = stages.get(str(rec["node"]), "setup (loaders, prompts)")
-        a = agg.setdefault(st, {"stage": st, "seconds": 0.0, "rss_peak": 0, "gpu_peak": 0, "nodes": []})
+        a = agg.setdefault(st, {"stage": st, "seconds": 0.0, "vae_seconds": 0.0, "rss_peak": 0, "gpu_peak": 0,
+                                "nodes": []})
         a["seconds"] = round(a["seconds"] + rec.get("seconds", 0.0), 3)
+        if is_vae_node(rec["class_type"]):
+            a["vae_seconds"] = round(a["vae_seconds"] + rec.get("seconds", 0.0), 3)
         a["rss_peak"] = max(a["rss_peak"], rec.get("rss_peak") or 0)
         a["gpu_peak"] = max(a["gpu_peak"], rec.get("gpu_peak") or 0)
         a["nodes"].append(rec["class_type"])
@@ -351,9 +354,16 @@ def collect(result: dict, api: dict, base_dir: Path, out_dir: Path | None, stage
             lat = _latent_size(api, str(rec["node"]))
             if lat:
                 a["size"] = lat
+    for a in agg.values():
+        a["vae_share"] = round(a["vae_seconds"] / a["seconds"], 4) if a["seconds"] else 0.0
     result["images"] = images
     result["stages"] = list(agg.values())
     return result
+
+
+def is_vae_node(class_type: str) -> bool:
+    """VAE encode/decode nodes (ComfyUI's, tiled or not, and this pack's tiled ones)."""
+    return "VAEDecode" in class_type or "VAEEncode" in class_type
 
 
 def _latent_size(api: dict, nid: str):
@@ -375,7 +385,9 @@ def print_table(label: str, result: dict, log=print) -> None:
     for st in result.get("stages", []):
         size = "x".join(map(str, st.get("size", []))) or "-"
         gpu = f"  GPU {st['gpu_peak'] / 2**30:6.2f} GiB" if st.get("gpu_peak") else ""
-        log(f"  {st['stage'][:60]:<60} {size:>11} {st['seconds']:8.2f}s  peak RSS {st['rss_peak'] / 2**30:6.2f} GiB{gpu}")
+        vae = f"  VAE {st.get('vae_seconds', 0.0):7.2f}s ({100 * st.get('vae_share', 0.0):3.0f}%)"
+        log(f"  {st['stage'][:60]:<60} {size:>11} {st['seconds']:8.2f}s{vae}  peak RSS {st['rss_peak'] / 2**30:6.2f} GiB"
+            f"{gpu}")
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 from .apply import ApplyLinFusion
 from .controlnet import ApplyLinFusionControlNet
 from .loader import LinFusionLoader, register_folder
+from .vae import LinFusionVAEDecodeTiled, LinFusionVAEEncodeTiled
 
 register_folder()
 
@@ -9,9 +10,13 @@ NODE_CLASS_MAPPINGS = {
     "LinFusionLoader": LinFusionLoader,
     "ApplyLinFusion": ApplyLinFusion,
     "ApplyLinFusionControlNet": ApplyLinFusionControlNet,
+    "LinFusionVAEDecodeTiled": LinFusionVAEDecodeTiled,
+    "LinFusionVAEEncodeTiled": LinFusionVAEEncodeTiled,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LinFusionLoader": "Load LinFusion",
     "ApplyLinFusion": "Apply LinFusion",
     "ApplyLinFusionControlNet": "Apply LinFusion (ControlNet)",
+    "LinFusionVAEDecodeTiled": "VAE Decode (Tiled, LinFusion)",
+    "LinFusionVAEEncodeTiled": "VAE Encode (Tiled, LinFusion)",
 }

@@ -167,8 +167,8 @@ def test_sd15_16k_is_the_authors_chain(fe):
                    if n["class_type"] in ("ImageScale", "EmptyLatentImage"))
     assert sizes == [[1024, 512], [2048, 1024], [4096, 2048], [8192, 4096], [16384, 8192]]
     assert all(n["inputs"]["upscale_method"] == "bicubic" for n in api.values() if n["class_type"] == "ImageScale")
-    tiled = [n for n in api.values() if n["class_type"] in ("VAEEncodeTiled", "VAEDecodeTiled")]
-    assert len(tiled) == 6  # 4K, 8K and 16K stages
+    tiled = [n for n in api.values() if n["class_type"] in ("LinFusionVAEEncodeTiled", "LinFusionVAEDecodeTiled")]
+    assert len(tiled) == 6  # 4K, 8K and 16K stages, with this pack's one-pass tiled VAE
     final = [n for n in api.values() if n["class_type"] == "SaveImage"]
     assert len(final) == 1 and len([n for n in api.values() if n["class_type"] == "PreviewImage"]) == 4
 

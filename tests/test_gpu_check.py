@@ -179,6 +179,7 @@ def dry(host, tmp_path_factory):
     report = json.loads(path.read_text(), parse_constant=no_nan)
     assert (out / "gpu_check_cpu-dry-run.md").read_text().startswith("# LinFusion GPU check")
     report["_stdout"] = res.stdout
+    report["_out"] = str(out)
     return report
 
 
@@ -207,7 +208,7 @@ def _tolerance(dtype: str) -> float:
 
 def test_dry_run_mode_and_sections(dry):
     assert dry["mode"] == "CPU dry run" and any("CPU DRY RUN" in n for n in dry["notes"])
-    for name in ("prepare", "attention", "unet", "chain"):
+    for name in ("prepare", "attention", "unet", "vae", "chain"):
         assert dry["sections"][name]["status"] == "done", (name, dry["sections"][name].get("error"),
                                                           dry["sections"][name].get("traceback"))
 
@@ -286,3 +287,27 @@ def test_dry_lowmem_rows(dry):
     assert on["estimate_on_bytes"] <= on["estimate_off_bytes"]
     md = "\n".join(gpu_check.gpu_lowmem.markdown(sec, gpu_check._gib))
     assert "Low-memory mode" in md and md.count("| sd15 |") == 2
+
+
+def test_dry_vae_rows(dry):
+    """The 16K tiled-decode rows at the dry size: both VAEs, ours and ComfyUI's, timed, with peak memory and the
+    distance between the two (small: they differ only in GroupNorm statistics and the attention's tiling)."""
+    sec = dry["sections"]["vae"]
+    cfg = dry["config"]["vae"]
+    rows = [r for r in sec["rows"] if "error" not in r]
+    assert {(r["arch"], r["impl"]) for r in rows} == {(a, i) for a in cfg["archs"] for i in cfg["impls"]}, sec
+    _finite_numbers(sec["rows"])
+    for r in rows:
+        assert r["seconds"] > 0 and r["finite"] and r["dtype"] == cfg["dtype"] and "peak_rss_bytes" in r
+        if r["impl"] == "linfusion":
+            assert r["kept_bytes"] > 0
+        else:
+            assert 0 < r["dist_to_linfusion"]["mean"] < 0.2
+    assert "## Tiled VAE decode" in (Path(dry["_out"]) / "gpu_check_cpu-dry-run.md").read_text()
+
+
+def test_vae_skip_rule():
+    assert gpu_check.vae_skip_reason(None, 10) is None
+    assert "time is spent" in gpu_check.vae_skip_reason(None, 0)
+    assert "previous row" in gpu_check.vae_skip_reason(10.0, 12)
+    assert gpu_check.vae_skip_reason(10.0, 14) is None

@@ -141,6 +141,22 @@ def test_scale_and_bypass_rewrite_the_api_prompt(object_info):
     assert "3" not in b and "2" not in b and b["5"]["inputs"]["model"] == ["1", 0]
     m = runner.set_models(api, ckpt="y.safetensors", linfusion="z.safetensors")
     assert m["1"]["inputs"]["ckpt_name"] == "y.safetensors" and m["2"]["inputs"]["linfusion_name"] == "z.safetensors"
+    ours = dict(api, **{"6": {"class_type": "LinFusionVAEDecodeTiled",
+                              "inputs": {"samples": ["5", 0], "tile_size": 2048, "overlap": 128}}})
+    s = runner.scale_prompt(ours, object_info, scale=1 / 64, steps_scale=0.1)
+    assert s["6"]["inputs"]["tile_size"] == 256 and s["6"]["inputs"]["overlap"] == 32  # this pack's tiled VAE too
+
+
+def test_runner_report_gives_each_stage_vae_share():
+    result = {"nodes": [{"node": "5", "class_type": "KSampler", "seconds": 3.0},
+                        {"node": "6", "class_type": "LinFusionVAEDecodeTiled", "seconds": 1.0},
+                        {"node": "8", "class_type": "VAEEncode", "seconds": 0.5},
+                        {"node": "9", "class_type": "KSampler", "seconds": 2.0}]}
+    stages = {"5": "Stage 2", "6": "Stage 2", "8": "Stage 3", "9": "Stage 3"}
+    out = runner.collect(result, {}, Path("."), None, stages)
+    by = {st["stage"]: st for st in out["stages"]}
+    assert by["Stage 2"]["vae_seconds"] == 1.0 and by["Stage 2"]["vae_share"] == 0.25
+    assert by["Stage 3"]["vae_seconds"] == 0.5 and by["Stage 3"]["vae_share"] == 0.2
 
 
 # ------------------------------------------------------------------------------------------- memory estimate
