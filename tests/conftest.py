@@ -94,3 +94,23 @@ def comfy_inproc(host):
 def pack(comfy_inproc):
     """This pack imported the way ComfyUI imports a custom node (as a package, relative imports and all)."""
     return import_pack("ComfyUI_LinFusion_under_test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models_after_module():
+    """After each test module: drop the models ComfyUI still holds as loaded (its ``current_loaded_models`` keeps a
+    module's true-size UNets alive after the module's fixtures are gone) and hand freed heap back to the system, so
+    that the next module, and the servers beside the test process, do not start with a previous module's gigabytes
+    (a fresh-clone run on a 24 GB machine ran out of memory in tests/test_workflows.py without this)."""
+    yield
+    import gc
+    mm = sys.modules.get("comfy.model_management")
+    if mm is not None:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
