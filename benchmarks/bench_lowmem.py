@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.host import host_info  # noqa: E402
+from bench_step_memory import fit  # noqa: E402  (the same least-squares line as the step-memory fits)
 
 RESULTS = REPO / "benchmarks" / "results"
 CELLS = RESULTS / "lowmem_cells_cpu.json"
@@ -61,16 +62,6 @@ def save_cell(cell: dict):
     cells.append(cell)
     RESULTS.mkdir(parents=True, exist_ok=True)
     CELLS.write_text(json.dumps(cells, indent=1))
-
-
-def fit(points: list) -> tuple[float, float]:
-    """Least squares y = a x + b."""
-    n = len(points)
-    mx = sum(p[0] for p in points) / n
-    my = sum(p[1] for p in points) / n
-    sxx = sum((p[0] - mx) ** 2 for p in points)
-    a = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx if sxx else 0.0
-    return a, my - a * mx
 
 
 def predict_16k(a: float, b: float, weights_fp32: int, batch: int = 1) -> dict:

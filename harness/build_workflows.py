@@ -154,22 +154,31 @@ The authors' SDEdit chain (1024x512 text-to-image, then 2x stages at 2048x1024 /
 **Memory.** The ControlNet's hint encoder runs convolutions at the full pixel size (linear in area, a few GB at 16K); the peak is the 16K stage (UNet + ControlNet). Plan for a GPU with ~40-80 GB at 16K. Intermediates are shown by Preview Image; only the final image is saved."""
 
 
-def sd15_16k() -> Spec:
-    s = Spec()
-    s.add("note", "MarkdownNote", (-900, 80), {"text": SD15_NOTE}, size=[440, 760])
+def _sd15_front(s: Spec, note: str, note_h: int, pos_text: str, neg_text: str, pos_title: str = "Prompt") -> None:
+    """The SD-1.5 workflows' left column: the note, the checkpoint, Load + Apply LinFusion and the two prompts."""
+    s.add("note", "MarkdownNote", (-900, 80), {"text": note}, size=[440, note_h])
     s.add("ckpt", "CheckpointLoaderSimple", (-420, 80), {"ckpt_name": SD15_CKPT})
     s.add("lfload", "LinFusionLoader", (-420, 260), {"linfusion_name": "Yuanshi/LinFusion-1-5"})
     s.add("lf", "ApplyLinFusion", (-420, 380), {"softmax_below_tokens": 0},
           {"model": ("ckpt", 0), "linfusion": ("lfload", 0)})
-    s.add("pos", "CLIPTextEncode", (-420, 540), {"text": "A photo of the Milky Way galaxy"}, {"clip": ("ckpt", 1)},
-          title="Prompt")
-    s.add("neg", "CLIPTextEncode", (-420, 780), {"text": ""}, {"clip": ("ckpt", 1)}, title="Negative prompt")
-    s.group("Stage 1: 1024x512 text to image (50 steps)", 0 - 10, 40, COL - 20, 1000, color="#8A8")
+    s.add("pos", "CLIPTextEncode", (-420, 540), {"text": pos_text}, {"clip": ("ckpt", 1)}, title=pos_title)
+    s.add("neg", "CLIPTextEncode", (-420, 780), {"text": neg_text}, {"clip": ("ckpt", 1)}, title="Negative prompt")
+
+
+def _sd15_text_to_image(s: Spec, group_h: int, ks_y: int, dec_y: int) -> None:
+    """Stage 1 of the SD-1.5 16K chains: 1024x512 text to image, 50 steps, decoded and previewed."""
+    s.group("Stage 1: 1024x512 text to image (50 steps)", -10, 40, COL - 20, group_h, color="#8A8")
     s.add("empty", "EmptyLatentImage", (0, 80), {"width": 1024, "height": 512, "batch_size": 1})
-    s.add("ks0", "KSampler", (0, 420), _ksampler(50, 1.0, 7.5, 3, "deis", "ddim_uniform"),
+    s.add("ks0", "KSampler", (0, ks_y), _ksampler(50, 1.0, 7.5, 3, "deis", "ddim_uniform"),
           {"model": ("lf", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("empty", 0)})
-    s.add("dec0", "VAEDecode", (0, 720), {}, {"samples": ("ks0", 0), "vae": ("ckpt", 2)})
-    s.add("prev0", "PreviewImage", (0, 860), {}, {"images": ("dec0", 0)}, size=[320, 120])
+    s.add("dec0", "VAEDecode", (0, dec_y), {}, {"samples": ("ks0", 0), "vae": ("ckpt", 2)})
+    s.add("prev0", "PreviewImage", (0, dec_y + 140), {}, {"images": ("dec0", 0)}, size=[320, 120])
+
+
+def sd15_16k() -> Spec:
+    s = Spec()
+    _sd15_front(s, SD15_NOTE, 760, "A photo of the Milky Way galaxy", "")
+    _sd15_text_to_image(s, group_h=1000, ks_y=420, dec_y=720)
     chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="dec0",
           stages=[(2048, 1024, 20, 0.4), (4096, 2048, 15, 0.3), (8192, 4096, 10, 0.2), (16384, 8192, 5, 0.1)],
           tiled_from=4096 * 2048, prefix="LinFusion_sd15_16k", cfg=7.5, seed=3, sampler="deis",
@@ -209,24 +218,12 @@ def sdxl_16k() -> Spec:
 
 def sd15_tile_controlnet_16k() -> Spec:
     s = Spec()
-    s.add("note", "MarkdownNote", (-900, 80), {"text": TILE_NOTE}, size=[440, 980])
-    s.add("ckpt", "CheckpointLoaderSimple", (-420, 80), {"ckpt_name": SD15_CKPT})
-    s.add("lfload", "LinFusionLoader", (-420, 260), {"linfusion_name": "Yuanshi/LinFusion-1-5"})
-    s.add("lf", "ApplyLinFusion", (-420, 380), {"softmax_below_tokens": 0},
-          {"model": ("ckpt", 0), "linfusion": ("lfload", 0)})
-    s.add("pos", "CLIPTextEncode", (-420, 540), {"text": "A photo of the Milky Way galaxy"}, {"clip": ("ckpt", 1)},
-          title="Prompt")
-    s.add("neg", "CLIPTextEncode", (-420, 780), {"text": ""}, {"clip": ("ckpt", 1)}, title="Negative prompt")
+    _sd15_front(s, TILE_NOTE, 980, "A photo of the Milky Way galaxy", "")
     s.add("cnload", "ControlNetLoader", (-420, 1020), {"control_net_name": SD15_TILE_CN},
           title="Load ControlNet (tile)")
     s.add("cnlf", "ApplyLinFusionControlNet", (-420, 1140), {},
           {"control_net": ("cnload", 0), "linfusion": ("lfload", 0)})
-    s.group("Stage 1: 1024x512 text to image (50 steps)", -10, 40, COL - 20, 1240, color="#8A8")
-    s.add("empty", "EmptyLatentImage", (0, 80), {"width": 1024, "height": 512, "batch_size": 1})
-    s.add("ks0", "KSampler", (0, 620), _ksampler(50, 1.0, 7.5, 3, "deis", "ddim_uniform"),
-          {"model": ("lf", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("empty", 0)})
-    s.add("dec0", "VAEDecode", (0, 960), {}, {"samples": ("ks0", 0), "vae": ("ckpt", 2)})
-    s.add("prev0", "PreviewImage", (0, 1100), {}, {"images": ("dec0", 0)}, size=[320, 120])
+    _sd15_text_to_image(s, group_h=1240, ks_y=620, dec_y=960)
     chain(s, model=("lf", 0), pos=("pos", 0), neg=("neg", 0), vae=("ckpt", 2), first_image="dec0",
           stages=[(2048, 1024, 20, 0.4), (4096, 2048, 15, 0.3), (8192, 4096, 10, 0.2), (16384, 8192, 5, 0.1)],
           tiled_from=4096 * 2048, prefix="LinFusion_sd15_tile_16k", cfg=7.5, seed=3, sampler="deis",
@@ -237,15 +234,8 @@ def sd15_tile_controlnet_16k() -> Spec:
 
 def upscale_image() -> Spec:
     s = Spec()
-    s.add("note", "MarkdownNote", (-900, 80), {"text": UPSCALE_NOTE}, size=[440, 700])
-    s.add("ckpt", "CheckpointLoaderSimple", (-420, 80), {"ckpt_name": SD15_CKPT})
-    s.add("lfload", "LinFusionLoader", (-420, 260), {"linfusion_name": "Yuanshi/LinFusion-1-5"})
-    s.add("lf", "ApplyLinFusion", (-420, 380), {"softmax_below_tokens": 0},
-          {"model": ("ckpt", 0), "linfusion": ("lfload", 0)})
-    s.add("pos", "CLIPTextEncode", (-420, 540), {"text": "a highly detailed photo, sharp focus"},
-          {"clip": ("ckpt", 1)}, title="Prompt (describe your image)")
-    s.add("neg", "CLIPTextEncode", (-420, 780), {"text": "blurry, lowres"}, {"clip": ("ckpt", 1)},
-          title="Negative prompt")
+    _sd15_front(s, UPSCALE_NOTE, 700, "a highly detailed photo, sharp focus", "blurry, lowres",
+                pos_title="Prompt (describe your image)")
     s.group("Your image, fitted to 1024x1024", -10, 40, COL - 20, 1000, color="#8A8")
     s.add("load", "LoadImage", (0, 80), {"image": "example.png"}, size=[320, 360])
     s.add("fit", "ImageScale", (0, 480), {"upscale_method": "bicubic", "width": 1024, "height": 1024,

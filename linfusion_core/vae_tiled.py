@@ -497,6 +497,30 @@ def _cast_copy(mods, dtype):
     return [copy.deepcopy(m).to(dtype) if m is not None else None for m in mods]
 
 
+def _each_image(what, mods, dtype, device, on_upcast, planning, out_shape, out_device, make_runner, one):
+    """``one(r, mods, b)`` for every image ``b`` of the batch, each into its slice of a float32 output of
+    ``out_shape`` on ``out_device``, under a runner ``make_runner(dtype)``; the runner itself when ``planning``.
+    In fp16 a non-finite activation restarts the whole batch in a wider dtype on a cast copy of ``mods``."""
+    while True:
+        r = make_runner(dtype)
+        try:
+            out = torch.empty(out_shape, dtype=torch.float32, device="meta" if planning else out_device)
+            with torch.inference_mode():
+                for b in range(out_shape[0]):
+                    o = one(r, mods, b)
+                    if not planning:
+                        out[b:b + 1] = o
+                    r.free(o)
+            return r if planning else out
+        except _Overflow:
+            if dtype != torch.float16:
+                raise FloatingPointError(f"the VAE {what} gives non-finite values in {dtype}") from None
+            dtype = _upcast_dtype(device)
+            if on_upcast is not None:
+                on_upcast(dtype)
+            mods = _cast_copy(mods, dtype)
+
+
 def decode(first_stage_model, latent: torch.Tensor, *, tile: int = 1024, overlap: int = 64, device=None,
            dtype=None, out_device="cpu", park=None, progress: Optional[Callable[[int], None]] = None,
            norm_params=None, attention=None, on_upcast: Optional[Callable[[torch.dtype], None]] = None,
@@ -524,35 +548,20 @@ def decode(first_stage_model, latent: torch.Tensor, *, tile: int = 1024, overlap
         dtype = dec.conv_in.weight.dtype
     up = 2 ** (dec.num_resolutions - 1)
     B, _, h, w = latent.shape
-    while True:
-        r = _runner(device, dtype, tile, overlap, dec.ch, progress, norm_params, attention, _planning, out_device,
+
+    def make_runner(dt):
+        r = _runner(device, dt, tile, overlap, dec.ch, progress, norm_params, attention, _planning, out_device,
                     h * w * up * up, park, attention_tile)
-        r.down = up
         r.keep_upsampled = keep_upsampled
-        try:
-            out = torch.empty((B, dec.conv_out.out_channels, h * up, w * up), dtype=torch.float32,
-                              device="meta" if _planning else out_device)
-            with torch.inference_mode():
-                for b in range(B):
-                    z = latent[b:b + 1]
-                    if not _planning:
-                        z = z.to(r.park)
-                    o = _decode_one(r, dec, pqc, z)
-                    if not _planning:
-                        out[b:b + 1] = o
-                    r.free(o)
-                    r.down = up
-            if _planning:
-                return r
-            return out
-        except _Overflow:
-            if dtype != torch.float16:
-                raise FloatingPointError(f"the VAE decode gives non-finite values in {dtype}") from None
-            new = _upcast_dtype(device)
-            if on_upcast is not None:
-                on_upcast(new)
-            dec, pqc = _cast_copy([dec, pqc], new)
-            dtype = new
+        return r
+
+    def one(r, mods, b):
+        r.down = up
+        z = latent[b:b + 1]
+        return _decode_one(r, mods[0], mods[1], z if _planning else z.to(r.park))
+
+    return _each_image("decode", [dec, pqc], dtype, device, on_upcast, _planning,
+                       (B, dec.conv_out.out_channels, h * up, w * up), out_device, make_runner, one)
 
 
 def encode(first_stage_model, pixels: torch.Tensor, *, tile: int = 1024, overlap: int = 64, device=None, dtype=None,
@@ -579,33 +588,20 @@ def encode(first_stage_model, pixels: torch.Tensor, *, tile: int = 1024, overlap
     if dtype is None:
         dtype = enc.conv_in.weight.dtype
     B, _, H, W = pixels.shape
-    while True:
-        r = _runner(device, dtype, tile, overlap, enc.ch, progress, norm_params, attention, _planning, out_device,
-                    H * W, park, attention_tile)
-        try:
-            out = torch.empty((B, zc, H // down, W // down), dtype=torch.float32,
-                              device="meta" if _planning else out_device)
-            with torch.inference_mode():
-                for b in range(B):
-                    p = pixels[b:b + 1]
-                    if _planning:
-                        p = torch.empty(p.shape, dtype=p.dtype, device="meta")
-                    o = _encode_one(r, enc, qc, zc, p, process_input)
-                    if not _planning:
-                        out[b:b + 1] = o
-                    r.free(o)
-                    r.down = 1
-            if _planning:
-                return r
-            return out
-        except _Overflow:
-            if dtype != torch.float16:
-                raise FloatingPointError(f"the VAE encode gives non-finite values in {dtype}") from None
-            new = _upcast_dtype(device)
-            if on_upcast is not None:
-                on_upcast(new)
-            enc, qc = _cast_copy([enc, qc], new)
-            dtype = new
+
+    def make_runner(dt):
+        return _runner(device, dt, tile, overlap, enc.ch, progress, norm_params, attention, _planning, out_device,
+                       H * W, park, attention_tile)
+
+    def one(r, mods, b):
+        r.down = 1
+        p = pixels[b:b + 1]
+        if _planning:
+            p = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        return _encode_one(r, mods[0], mods[1], zc, p, process_input)
+
+    return _each_image("encode", [enc, qc], dtype, device, on_upcast, _planning, (B, zc, H // down, W // down),
+                       out_device, make_runner, one)
 
 
 def plan(first_stage_model, shape, *, what: str = "decode", tile: int = 1024, overlap: int = 64, dtype=None,

@@ -23,7 +23,6 @@ What it installs on the patched clone (``install``), for ``low_memory`` "auto" o
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import OrderedDict
 
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from ..linfusion_core import lowmem
+from .comfy_ops import weight_and_bias
 
 log = logging.getLogger("LinFusion")
 
@@ -61,28 +61,6 @@ def normalize_mode(mode) -> str:
 
 # -- ResBlock GroupNorm + SiLU -------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _norm_params(gn: nn.GroupNorm, x: torch.Tensor):
-    """The GroupNorm's weight and bias as ComfyUI's op would use them for ``x`` (cast, streamed or with weight
-    functions applied where the layer asks for it; ComfyUI 0.3.75 and 0.33+ spell this differently)."""
-    if not (getattr(gn, "comfy_cast_weights", False) or getattr(gn, "weight_function", None)
-            or getattr(gn, "bias_function", None)):
-        yield gn.weight, gn.bias
-        return
-    ops = comfy.ops
-    ctx = getattr(ops, "CastBiasWeightContext", None)
-    if ctx is not None:
-        with ctx(gn, x, offloadable=True) as (w, b):
-            yield w, b
-        return
-    state = ops.cast_bias_weight(gn, x, offloadable=True)
-    try:
-        yield state[0], state[1]
-    finally:
-        if len(state) > 2 and hasattr(ops, "uncast_bias_weight"):
-            ops.uncast_bias_weight(gn, *state)
-
-
 def _autograd_needs(x: torch.Tensor, gn: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in gn.parameters()))
 
@@ -103,7 +81,7 @@ class NormActSequential(nn.Sequential):
             gn = mods[0]
             if hasattr(comfy.ops, "run_every_op"):
                 comfy.ops.run_every_op()
-            with _norm_params(gn, x) as (w, b):
+            with weight_and_bias(gn, x) as (w, b):
                 if w is not None and w.dtype != x.dtype:
                     w = w.to(x.dtype)
                 if b is not None and b.dtype != x.dtype:

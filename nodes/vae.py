@@ -12,6 +12,7 @@ import logging
 import torch
 
 from ..linfusion_core import vae_tiled
+from .comfy_ops import weight_and_bias
 
 log = logging.getLogger("LinFusion")
 
@@ -20,19 +21,20 @@ _TILE_TIP = ("Tile side in image pixels. Convolutions and GroupNorms give the un
              "untiled). Lower it if the VAE runs out of GPU memory.")
 _OVERLAP_TIP = ("Extra context, in image pixels, that each attention tile sees on every side (keys and values). "
                 "Nothing else overlaps: there is no blending and no repeated pass.")
+_VAE_TIP = "An SD-1.x, SD-2.x or SD-XL VAE."
+# The inputs after the picture, the same for both nodes (and in ComfyUI's tiled nodes' order).
+_TILING = {
+    "tile_size": ("INT", {"default": 1024, "min": 256, "max": 8192, "step": 64, "tooltip": _TILE_TIP}),
+    "overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 32, "tooltip": _OVERLAP_TIP}),
+}
 
 
 def _norm_params(norm, like):
-    """GroupNorm weight and bias on the compute device, through ComfyUI's casting when the layer uses it
-    (lowvram, DynamicVRAM), else read directly."""
-    if getattr(norm, "comfy_cast_weights", False) or hasattr(norm, "_v") or getattr(norm, "weight_function", None):
-        try:
-            import comfy.ops
-            wb = comfy.ops.cast_bias_weight(norm, like, dtype=torch.float32, device=like.device)
-            return wb[0], wb[1]
-        except Exception as e:  # an API we do not know: fall back to the parameters themselves
-            log.debug("LinFusion VAE: cast_bias_weight failed (%s); reading the GroupNorm parameters", e)
-    return norm.weight, norm.bias
+    """GroupNorm weight and bias in float32 on the compute device, as ComfyUI's op would read them (cast, streamed
+    under lowvram or DynamicVRAM); copies, so they stay valid after ComfyUI's cast context ends."""
+    like32 = torch.empty((), dtype=torch.float32, device=like.device)
+    with weight_and_bias(norm, like32) as (w, b):
+        return (None if w is None else w.clone()), (None if b is None else b.clone())
 
 
 class _Progress:
@@ -112,9 +114,8 @@ class LinFusionVAEDecodeTiled:
     def INPUT_TYPES(cls):
         return {"required": {
             "samples": ("LATENT", {"tooltip": "The latent to decode."}),
-            "vae": ("VAE", {"tooltip": "An SD-1.x, SD-2.x or SD-XL VAE."}),
-            "tile_size": ("INT", {"default": 1024, "min": 256, "max": 8192, "step": 64, "tooltip": _TILE_TIP}),
-            "overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 32, "tooltip": _OVERLAP_TIP}),
+            "vae": ("VAE", {"tooltip": _VAE_TIP}),
+            **_TILING,
         }}
 
     def decode(self, samples, vae, tile_size=1024, overlap=64):
@@ -149,9 +150,8 @@ class LinFusionVAEEncodeTiled:
         return {"required": {
             "pixels": ("IMAGE", {"tooltip": "The image to encode (cropped to a multiple of 8 pixels, as VAE Encode "
                                             "does)."}),
-            "vae": ("VAE", {"tooltip": "An SD-1.x, SD-2.x or SD-XL VAE."}),
-            "tile_size": ("INT", {"default": 1024, "min": 256, "max": 8192, "step": 64, "tooltip": _TILE_TIP}),
-            "overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 32, "tooltip": _OVERLAP_TIP}),
+            "vae": ("VAE", {"tooltip": _VAE_TIP}),
+            **_TILING,
         }}
 
     def encode(self, pixels, vae, tile_size=1024, overlap=64):
