@@ -50,13 +50,12 @@ def main(argv=None):
     comfy_args.cpu = args.device == "cpu"
     import torch
     import comfy.model_management as mm
-    import comfy.sd
     from harness import fixtures, linfusion_fixtures
     from harness.host import import_pack
 
     pack = import_pack()
 
-    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")))
+    unet = fixtures.load_unet("sd15")
     lf_dir = Path(info["host_dir"]) / "fixtures" / "bench-linfusion-sd15"
     lf_file = lf_dir / "diffusion_pytorch_model.safetensors"
     if not lf_file.exists():

@@ -10,6 +10,8 @@ ComfyUI given by ``COMFYUI_PATH``, so each ComfyUI gets a venv and base director
   base/       the ComfyUI base directory we run with (custom_nodes/, models/, input/, output/, user/)
   fixtures/   generated stand-in checkpoints, cached between runs (``LINFUSION_FIXTURES_DIR``); a host in
               ``<repo>/.host/<name>`` shares ``<repo>/.host/fixtures`` with the default one
+  torch-<versions>/  the pinned torch stack, installed once beside fixtures/ and read by every venv through a
+              .pth file (see ``ensure_shared_torch``)
 
 A ComfyUI tree the harness did not unpack itself (``COMFYUI_PATH``, or the ComfyUI this pack is installed in) is
 only read: its processes run with ``PYTHONDONTWRITEBYTECODE=1`` (see ``child_env`` and ``harness.host``).
@@ -158,6 +160,41 @@ def _needs_torchaudio(comfy: Path) -> bool:
     return any(name == "torchaudio" for name, _ in _requirement_lines(comfy))
 
 
+def shared_torch_dir() -> Path:
+    """Where the pinned torch stack is installed once (``pip install --target``) for every host venv under
+    ``<repo>/.host``: each venv reads it through a .pth file instead of holding its own 5.5 GB copy (the CUDA
+    build, which is what pip takes on x86_64). Shared like the fixtures: ``<repo>/.host/`` for the hosts kept there."""
+    hd = host_dir()
+    root = DEFAULT_HOST_DIR.resolve() if hd.parent == DEFAULT_HOST_DIR.resolve() else hd
+    return root / ("torch-" + "-".join(p.split("==")[1] for p in TORCH_PINS))
+
+
+def ensure_shared_torch() -> Path:
+    target = shared_torch_dir()
+    if (target / ".complete").exists():
+        return target
+    log(f"installing {' '.join(TORCH_PINS)} once into {target} (shared by the hosts' venvs)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".torch-", dir=target.parent))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(staging), *TORCH_PINS],
+                       check=True)
+        (staging / ".complete").write_text(" ".join(TORCH_PINS))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _site_packages(py: Path) -> Path:
+    out = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    return Path(out)
+
+
 def ensure_venv(comfy: Path) -> Path:
     py = venv_python()
     if os.environ.get("LINFUSION_PYTHON"):
@@ -166,17 +203,19 @@ def ensure_venv(comfy: Path) -> Path:
         return py  # someone else's environment: never install into it
     audio = [TORCHAUDIO_PIN] if _needs_torchaudio(comfy) else []
     reqs = TORCH_PINS + _comfy_requirements(comfy) + HARNESS_PINS
-    stamp_value = hashlib.sha256(json.dumps(reqs + audio).encode()).hexdigest()
+    torch_dir = ensure_shared_torch()
+    stamp_value = hashlib.sha256(json.dumps(reqs + audio + [str(torch_dir)]).encode()).hexdigest()
     stamp = py.parent.parent / ".linfusion-requirements"
     if py.exists() and stamp.exists() and stamp.read_text() == stamp_value:
         return py
     if not py.exists():
         log(f"creating Python environment {py.parent.parent}")
         subprocess.run([sys.executable, "-m", "venv", str(py.parent.parent)], check=True)
-    log("installing torch, ComfyUI requirements and test tools (first run only)")
-    # torch first and alone: the pinned wheels lie on this machine's disk; ComfyUI's
-    # unpinned 'torch' line must never pull another build.
-    subprocess.run([str(py), "-m", "pip", "install", "--quiet", *TORCH_PINS], check=True)
+    # The torch stack comes from the shared folder, found through this .pth (after the venv's own packages);
+    # pip sees it as installed, so ComfyUI's unpinned 'torch' line and the packages that need torch are
+    # satisfied without a second copy.
+    (_site_packages(py) / "zz-linfusion-shared-torch.pth").write_text(str(torch_dir) + "\n")
+    log("installing ComfyUI requirements and test tools (first run only)")
     subprocess.run([str(py), "-m", "pip", "install", "--quiet", *TORCH_PINS, *reqs[len(TORCH_PINS):]], check=True)
     if audio:
         # --no-deps: torchaudio 2.11.0 declares torch==2.11.0, which must not replace the pinned torch.

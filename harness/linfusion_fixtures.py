@@ -4,12 +4,17 @@ The layer list is written out here from the diffusers UNet structure on purpose,
 own mapping code (linfusion_core.mapping), so that tests of the mapping can fail."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from .fixtures import UNET_CONFIGS
+
+CACHE_VERSION = 1  # bump when the generated tensors change
 
 
 def diffusers_layers(family: str) -> list:
@@ -69,20 +74,14 @@ def write(family: str, out: Path, layout: str = "folder", seed: int = 0, project
           dtype=torch.float16, order=None) -> Path:
     """Write a LinFusion checkpoint for ``family``. layout: "folder" (config.json + diffusion_pytorch_model
     .safetensors inside ``out``) or "file" (``out`` is the lone .safetensors). ``order`` permutes the layers
-    (a list of indices into the true order) to make deliberately wrong files. Returns the safetensors path."""
-    from safetensors.torch import save_file
+    (a list of indices into the true order) to make deliberately wrong files. Returns the safetensors path.
+
+    The tensors are generated once per (family, seed, projections, dtype, order) into the fixtures cache and
+    hard-linked into place (copied where a link cannot be made): the suite writes dozens of these 0.2-0.9 GB
+    files, and a CI disk must hold them for two hosts. Nothing may write into a returned file in place."""
     modules = diffusers_layers(family)
     if order is not None:
         modules = [modules[i] for i in order]
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    per_name = {}
-    for m in diffusers_layers(family):  # weights are tied to the layer name, whatever the file order
-        c = m["dim_n"]
-        per_name[m["module_name"]] = layer_tensors(c, m["projection_mid_dim"] or c, gen, projections)
-    for i, m in enumerate(modules):
-        for k, v in per_name[m["module_name"]].items():
-            tensors[f"{i}.{k}"] = v.to(dtype).contiguous()
     out = Path(out)
     if layout == "folder":
         out.mkdir(parents=True, exist_ok=True)
@@ -91,5 +90,35 @@ def write(family: str, out: Path, layout: str = "folder", seed: int = 0, project
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         st = out
-    save_file(tensors, str(st))
+    cached = _cached_tensors(family, modules, seed, projections, dtype, order)
+    st.unlink(missing_ok=True)  # a link left by an earlier run: replace the name, never write through it
+    try:
+        os.link(cached, st)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(cached, st)
     return st
+
+
+def _cached_tensors(family: str, modules: list, seed: int, projections: bool, dtype, order) -> Path:
+    from .fixtures import fixtures_dir
+    key = f"{family}-s{seed}-{'proj' if projections else 'noproj'}-{str(dtype).replace('torch.', '')}"
+    if order is not None:
+        key += "-o" + hashlib.sha256(json.dumps(list(order)).encode()).hexdigest()[:12]
+    cached = fixtures_dir() / "linfusion" / f"{key}-v{CACHE_VERSION}.safetensors"
+    if cached.exists():
+        return cached
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(seed)
+    per_name = {}
+    for m in diffusers_layers(family):  # weights are tied to the layer name, whatever the file order
+        c = m["dim_n"]
+        per_name[m["module_name"]] = layer_tensors(c, m["projection_mid_dim"] or c, gen, projections)
+    tensors = {}
+    for i, m in enumerate(modules):
+        for k, v in per_name[m["module_name"]].items():
+            tensors[f"{i}.{k}"] = v.to(dtype).contiguous()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, cached)  # atomic: concurrent writers (server and test process) agree on one file
+    return cached

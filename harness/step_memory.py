@@ -7,7 +7,7 @@ Run with the host Python from the repository root; prints one JSON line:
     python -m harness.step_memory --family sdxl --config linfusion --low-memory on --sizes 2048x1024
 
 For each size (in the order given, one process) it runs one ``apply_model`` of the generated true-size UNet
-(``fixtures.ensure(f"{family}-unet")``, computed in fp32 on CPU) and reports the growth of the process's peak RSS
+(``fixtures.load_unet(family)``, computed in fp32 on CPU) and reports the growth of the process's peak RSS
 (VmHWM reset through /proc/self/clear_refs) with ComfyUI's stock ``memory_required`` and the patched model's.
 An allocator keeps freed pages, so a size measured after a larger one under-reads: give sizes in increasing
 order, or one size per process (what the benchmark does).
@@ -73,9 +73,8 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
     import comfy.sd
 
     pack = import_pack()
-    unet_path = fixtures.ensure(f"{family}-unet")
     lf = linfusion_file(family) if config == "linfusion" else None
-    m = comfy.sd.load_diffusion_model(str(unet_path))
+    m = fixtures.load_unet(family)
     stock_required = type(m.model).memory_required.__get__(m.model)
     if lf is not None:
         ck = pack.linfusion_core.checkpoint.load_checkpoint(lf)

@@ -38,7 +38,6 @@ def _inputs(seed=0, hw=8):
 def dyn(comfy_inproc, pack, tmp_path_factory):
     import comfy.model_management as mm
     import comfy.model_patcher as mp
-    import comfy.sd
     cls = getattr(mp, "ModelPatcherDynamic", None)
     if cls is None:
         pytest.skip("this ComfyUI has no ModelPatcherDynamic (it came with 0.33); CI runs this file on 0.33.0")
@@ -49,7 +48,7 @@ def dyn(comfy_inproc, pack, tmp_path_factory):
     mpatch.setattr(cls, "__new__", lambda c, *a, **k: object.__new__(c))
     mpatch.setattr(comfy_aimdo.host_buffer, "HostBuffer", _NoPinnedMemory)
     mpatch.setattr(cls, "partially_unload", lambda self, *a, **k: self.restore_loaded_backups())
-    classic = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")))  # ComfyUI's real loader
+    classic = fixtures.load_unet("sd15")  # ComfyUI's real loader
     cpu = torch.device("cpu")
     plain = cls(classic.model, load_device=cpu, offload_device=cpu, size=classic.model_size())
     plain.cached_patcher_init = getattr(classic, "cached_patcher_init", None)  # what the core loader registered

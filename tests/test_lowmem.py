@@ -119,8 +119,7 @@ def test_skip_bytes_sd15(L):
 @pytest.fixture(scope="module")
 def sd15(comfy_inproc, pack, tmp_path_factory):
     import comfy.model_management as mm
-    import comfy.sd
-    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")))
+    unet = fixtures.load_unet("sd15")
     d = tmp_path_factory.mktemp("lf")
     ck = pack.linfusion_core.checkpoint.load_checkpoint(
         linfusion_fixtures.write("sd15", d / "lf.safetensors", layout="file", seed=4))
@@ -256,8 +255,7 @@ def test_sdxl_unet_exact(pack, comfy_inproc, counts, small_chunks, tmp_path_fact
     (diffusers' "small" layout) attached in a second pair of steps."""
     import comfy.controlnet
     import comfy.model_management as mm
-    import comfy.sd
-    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sdxl-unet")))
+    unet = fixtures.load_unet("sdxl")
     try:
         d = tmp_path_factory.mktemp("lfxl")
         ck = pack.linfusion_core.checkpoint.load_checkpoint(

@@ -17,9 +17,7 @@ TOL = 1e-5  # max |parallel - single| / max |single|, fp32
 
 def _model(pack, family, tmp_path_factory, softmax_below_tokens=0, lf_seed=5):
     import comfy.model_management as mm
-    import comfy.sd
-    m = comfy.sd.load_diffusion_model(str(fixtures.ensure(f"{family}-unet")),
-                                      model_options={"dtype": torch.float16})
+    m = fixtures.load_unet(family, {"dtype": torch.float16})
     assert m.model.manual_cast_dtype == torch.float32  # fp16 storage, fp32 compute on the CPU
     path = linfusion_fixtures.write(family, tmp_path_factory.mktemp("lf") / f"{family}.safetensors", layout="file",
                                     seed=lf_seed, projections=family == "sd15")

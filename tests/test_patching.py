@@ -17,8 +17,7 @@ SIGMA = torch.tensor([1.5])
 @pytest.fixture(scope="module")
 def ctx(comfy_inproc, pack):
     import comfy.model_management as mm
-    import comfy.sd
-    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")))  # ComfyUI's real loader
+    unet = fixtures.load_unet("sd15")  # ComfyUI's real loader
     yield {"unet": unet, "patching": pack.nodes.patching, "checkpoint": pack.linfusion_core.checkpoint,
            "layer": pack.linfusion_core.layer}
     mm.unload_all_models()
@@ -325,8 +324,7 @@ def test_existing_attn1_replace_patch_is_reported(ctx, lf, caplog):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models(ctx, lf, dtype):
     """Model weights stored in fp16/bf16 (as --fp16-unet/--bf16-unet do): LinFusion's layers follow."""
-    import comfy.sd
-    unet = comfy.sd.load_diffusion_model(str(fixtures.ensure("sd15-unet")), model_options={"dtype": dtype})
+    unet = fixtures.load_unet("sd15", {"dtype": dtype})
     try:
         patched = ctx["patching"].apply_linfusion(unet, _load(ctx, lf["single"]))
         layer = patched.object_patches["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1"]
