@@ -77,6 +77,26 @@ def vt(comfy_inproc, pack):
     return pack.linfusion_core.vae_tiled
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merged_statistics_equal_float64_whole_map(vt, dtype):
+    """The GroupNorm statistics merged over ragged tiles (strided views, as the sweeps pass them) equal torch's
+    float64 variance and mean of the whole map, per group, for a map far from zero mean (where a one-pass sum of
+    squares in float32 would lose the variance)."""
+    g = torch.Generator().manual_seed(0)
+    C, groups, H, W = 64, 32, 37, 53
+    offset = 40 * torch.randn(1, C, 1, 1, generator=g)
+    x = (offset + torch.randn(1, C, H, W, generator=g) * (0.05 + torch.rand(1, C, 1, 1, generator=g))).to(dtype)
+    st = vt._Stats(groups, "cpu", planning=False)
+    for y0 in range(0, H, 16):
+        for x0 in range(0, W, 20):
+            st.add(x[:, :, y0:y0 + 16, x0:x0 + 20])
+    ref_var, ref_mean = torch.var_mean(x.double().view(groups, -1), dim=1, unbiased=False)
+    var = st.m2 / st.n
+    assert st.n == C // groups * H * W
+    assert ((st.mean - ref_mean).abs() / ref_mean.abs()).max() < 1e-6
+    assert ((var - ref_var).abs() / ref_var).max() < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["kl", "engine16"])
 @pytest.mark.parametrize("attn", ["identity", "local"])
 def test_decode_equals_untiled_apart_from_attention(vt, arch, attn):
