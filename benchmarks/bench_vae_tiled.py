@@ -14,9 +14,7 @@ normal; the encode input a smooth synthetic image. Runs are interleaved per size
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import gc
 import json
 import math
 import platform
@@ -27,26 +25,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.peakmem import proc_status, reset_peak  # noqa: E402
-
-
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+from harness.peakmem import PeakRSS  # noqa: E402
 
 
 def measure(fn):
-    _trim()
-    reset_peak()
-    base = proc_status("VmRSS")
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    peak = proc_status("VmHWM") - base
-    return out, dt, peak
+    """(result, seconds, peak RSS growth) of ``fn()``."""
+    with PeakRSS() as p:
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+    return out, dt, p.peak
 
 
 def dist(a, b):

@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
 
 from harness import env, fixtures  # noqa: E402
 from harness.host import default_server, host_info, import_pack  # noqa: E402
+from harness.peakmem import trim_heap  # noqa: E402
 
 
 # Fixtures that put a test on the ComfyUI host (directly or through each other).
@@ -103,14 +104,8 @@ def _release_models_after_module():
     that the next module, and the servers beside the test process, do not start with a previous module's gigabytes
     (a fresh-clone run on a 24 GB machine ran out of memory in tests/test_workflows.py without this)."""
     yield
-    import gc
     mm = sys.modules.get("comfy.model_management")
     if mm is not None:
         mm.unload_all_models()
         mm.soft_empty_cache()
-    gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
