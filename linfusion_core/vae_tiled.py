@@ -14,8 +14,10 @@ How it stays equal to the untiled network
 - Every GroupNorm uses the statistics of the whole image: while a map is written, each tile's per-group mean and
   sum of squared deviations are merged (Chan's parallel formula, float64); the norm is applied with them, in float32,
   as one per-channel scale and shift.
-- The only approximation is the mid-block self-attention, computed per attention tile: the queries of a
-  ``tile``-sized core attend to keys and values of that core plus ``overlap`` context on each side. When the whole
+- The only approximation is the mid-block self-attention, computed per attention tile: the queries of a core of
+  ``attention_tile`` image pixels (default twice ``tile``: the attention runs on the 8x smaller latent grid, where a
+  window that size needs about the device memory of one convolution tile) attend to keys and values of that core
+  plus ``overlap`` context on each side. When the whole
   latent fits one attention tile, the result equals the untiled VAE to float tolerance.
 
 What is kept (per image of a batch; batches run one image at a time): within a ResNet block, its input (or, when the
@@ -119,19 +121,22 @@ class _Stats:
     def add(self, t: torch.Tensor) -> None:
         if self.planning:
             return
-        # Per channel first, then channels into groups (float64). Per channel: the float32 mean, then the centred
-        # sum of squares with its first-order correction (the corrected two-pass algorithm), a few channels at a
-        # time on a CPU so the centred copy stays in cache (torch.var_mean is ~10x slower there, and a whole-tile
-        # temporary costs as much in page faults). Accurate to float32 rounding even far from zero mean.
+        # Per channel first (mean and biased variance), then channels into groups (float64). On CPU and CUDA,
+        # torch.batch_norm_update_stats: a two-pass per-channel kernel (accumulating in double on a CPU), one read of
+        # a strided tile, no temporaries; in float32, since it rounds its results to the input's dtype.
         C = t.shape[1]
         n_c = t.shape[0] * t.shape[2] * t.shape[3]
-        mean_c = t.sum(dim=(0, 2, 3), dtype=torch.float32) / n_c
-        m2_c = torch.empty_like(mean_c)
-        step = 4 if t.device.type == "cpu" else C
-        for c0 in range(0, C, step):
-            d = t[:, c0:c0 + step].float() - mean_c[c0:c0 + step].view(1, -1, 1, 1)
-            s1 = d.sum(dim=(0, 2, 3))
-            m2_c[c0:c0 + step] = d.square_().sum(dim=(0, 2, 3)) - s1 * s1 / n_c
+        if t.device.type in ("cpu", "cuda"):
+            mean_c, var_c = torch.batch_norm_update_stats(t if t.dtype == torch.float32 else t.float(), None, None,
+                                                          0.0)
+            m2_c = var_c * n_c
+        else:  # the corrected two-pass algorithm by hand, a few channels at a time
+            mean_c = t.sum(dim=(0, 2, 3), dtype=torch.float32) / n_c
+            m2_c = torch.empty_like(mean_c)
+            for c0 in range(0, C, 4):
+                d = t[:, c0:c0 + 4].float() - mean_c[c0:c0 + 4].view(1, -1, 1, 1)
+                s1 = d.sum(dim=(0, 2, 3))
+                m2_c[c0:c0 + 4] = d.square_().sum(dim=(0, 2, 3)) - s1 * s1 / n_c
         mean_c = mean_c.to(self.mean.dtype).view(self.groups, -1)
         m2_c = m2_c.to(self.mean.dtype).view(self.groups, -1)
         mean = mean_c.mean(1)
@@ -180,6 +185,7 @@ class _Runner:
         self.ticks = 0
         self.live = 0
         self.peak = 0
+        self._scratch = None
 
     # maps ------------------------------------------------------------------------------------------------
     def new_map(self, c, h, w, dtype=None, device=None):
@@ -206,9 +212,19 @@ class _Runner:
         dtype = self.dtype
 
         def apply(x):
-            y = torch.addcmul(shift, x.float(), scale)
+            y = torch.addcmul(shift, x.float(), scale, out=self.scratch(x.shape))
             return F.silu(y, inplace=True).to(dtype)
         return apply
+
+    def scratch(self, shape):
+        """A float32 buffer of ``shape`` on the device, reused from tile to tile: the normalised tile is written there
+        instead of into a fresh allocation (on a CPU, the page faults of a new tile-sized tensor cost more than the
+        arithmetic). One user at a time: the caller is done with it before the next tile."""
+        n = math.prod(shape)
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = None
+            self._scratch = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self._scratch[:n].view(shape)
 
     def side(self, channels: int) -> int:
         """Tile side (in the level's own pixels) so a tile holds about as many values as a full-resolution tile."""
@@ -297,19 +313,19 @@ class _Runner:
         n2 = self.norm_fn(blk.norm2, h1st, cout)
         ost = self.stats(next_norm) if next_norm is not None else None
         # the output overwrites s in place: s is read only at the tile's core, h1 gives the halo
-        self.sweep([h1, s], 1, 1, lambda h, r: r + blk.conv2(n2(h)), [(s, ost)], self.side(cout))
+        self.sweep([h1, s], 1, 1, lambda h, r: blk.conv2(n2(h)).add_(r), [(s, ost)], self.side(cout))
         self.free(h1)
         return s, ost
 
     def attnblock(self, attn, x, xst, next_norm):
-        """Mid-block attention per attention tile: queries of a core of ``tile`` image pixels, keys/values of the
-        core plus ``overlap`` image pixels on each side. Any other module at this place is run per tile with the same
-        context, as a local op."""
+        """Mid-block attention per attention tile: queries of a core of ``attention_tile`` image pixels, keys/values
+        of the core plus ``overlap`` image pixels on each side. Any other module at this place is run per tile with
+        the same context, as a local op."""
         C, H, W = x.shape[1:]
         ost = self.stats(next_norm)
         out = self.new_map(C, H, W)
         ratio = max(1, self.down)
-        side = max(8, (self.attention_tile or self.tile) // ratio)
+        side = max(8, (self.attention_tile or 2 * self.tile) // ratio)
         margin = max(0, math.ceil(self.overlap / ratio))
         if _is_attnblock(attn):
             scale = shift = None
@@ -321,11 +337,11 @@ class _Runner:
 
             def fn(t, core):
                 y0, y1, x0, x1 = core
-                h = torch.addcmul(shift, t.float(), scale).to(dtype)
+                h = torch.addcmul(shift, t.float(), scale, out=self.scratch(t.shape)).to(dtype)
                 q = attn.q(h[:, :, y0:y1, x0:x1])
                 k, v = attn.k(h), attn.v(h)
                 del h
-                return t[:, :, y0:y1, x0:x1] + attn.proj_out(self.attention(q, k, v))
+                return attn.proj_out(self.attention(q, k, v)).add_(t[:, :, y0:y1, x0:x1])
             self.sweep([x], 1, margin, fn, [(out, ost)], side, core_arg=True)
         else:
             self.sweep([x], 1, margin, lambda t: attn(t), [(out, ost)], side)
@@ -537,12 +553,12 @@ def decode(first_stage_model, latent: torch.Tensor, *, tile: int = 1024, overlap
            attention_tile: Optional[int] = None, keep_upsampled: Optional[bool] = None, _planning: bool = False):
     """Decode ``latent`` (B, C, h, w) with ``first_stage_model`` (ComfyUI's AutoencoderKL / AutoencodingEngine).
     Returns the raw decoder output (B, out_ch, 8h, 8w) float32 on ``out_device`` (before ComfyUI's
-    ``process_output``). ``tile``/``overlap`` in image pixels (``attention_tile``, default ``tile``, sets the attention
-    tile alone); ``progress(ticks)`` after every tile (raise from it to
-    interrupt). In fp16, a non-finite activation (the SD-XL VAE overflows fp16) restarts the decode in bf16 (CUDA)
-    or fp32 on a cast copy of the modules, and calls ``on_upcast(new_dtype)``. ``keep_upsampled``: store the
-    decoder's last upsampled map (256 channels at full resolution) instead of recomputing it per tile: about 12 %
-    faster, 1.6x the kept memory (None: store it only when it is not the largest map)."""
+    ``process_output``). ``tile``/``overlap`` in image pixels (``attention_tile``, default 2 x ``tile``, sets the
+    attention tile alone); ``progress(ticks)`` after every tile (raise from it to interrupt). In fp16, a non-finite
+    activation (the SD-XL VAE overflows fp16) restarts the decode in bf16 (CUDA) or fp32 on a cast copy of the
+    modules, and calls ``on_upcast(new_dtype)``. ``keep_upsampled``: store the decoder's last upsampled map (256
+    channels at full resolution) instead of recomputing it per tile: about 12 % faster, 1.6x the kept memory (None:
+    store it only when it is not the largest map)."""
     _validate(tile, overlap)
     check_supported(first_stage_model, "decode")
     if latent.ndim != 4:

@@ -17,8 +17,9 @@ from .comfy_ops import weight_and_bias
 log = logging.getLogger("LinFusion")
 
 _TILE_TIP = ("Tile side in image pixels. Convolutions and GroupNorms give the untiled result at any tile size; the "
-             "tile only bounds GPU memory and sets the window of the VAE's mid-block attention (larger = closer to "
-             "untiled). Lower it if the VAE runs out of GPU memory.")
+             "tile only bounds GPU memory and sets the window of the VAE's mid-block attention (twice the tile; "
+             "larger = closer to untiled). An image no larger than one tile is run whole (the untiled result). "
+             "Lower it if the VAE runs out of GPU memory.")
 _OVERLAP_TIP = ("Extra context, in image pixels, that each attention tile sees on every side (keys and values). "
                 "Nothing else overlaps: there is no blending and no repeated pass.")
 _VAE_TIP = "An SD-1.x, SD-2.x or SD-XL VAE."
@@ -56,16 +57,20 @@ def _available_ram():
         return None
 
 
-def _prepare(vae, what, shape, tile_size, overlap, memory_fn):
-    """Checks, loads the VAE, and returns a progress callback, or None when the whole-image activations this needs
-    do not fit in free RAM (the caller then uses ComfyUI's three-pass tiling, which keeps only the output)."""
-    import comfy.model_management as mm
+def _check(vae, what):
     vae.throw_exception_if_invalid()
     try:
         vae_tiled.check_supported(vae.first_stage_model, what)
     except vae_tiled.UnsupportedVAE as e:
         raise ValueError(f"LinFusion tiled VAE: {e}. It works with the VAEs of SD-1.x, SD-2.x and SD-XL; use "
                          f"ComfyUI's VAE {'Decode' if what == 'decode' else 'Encode'} (Tiled) for this one.") from None
+
+
+def _prepare(vae, what, shape, tile_size, overlap, memory_fn):
+    """Loads the VAE, and returns a progress callback, or None when the whole-image activations this needs do not
+    fit in free RAM (the caller then uses ComfyUI's three-pass tiling, which keeps only the output)."""
+    import comfy.model_management as mm
+
     def make_plan(keep):
         return vae_tiled.plan(vae.first_stage_model, tuple(shape), what=what, tile=tile_size, overlap=overlap,
                               dtype=vae.vae_dtype, keep_upsampled=keep)
@@ -124,6 +129,9 @@ class LinFusionVAEDecodeTiled:
             raise ValueError(f"LinFusion VAE Decode (Tiled) takes image latents (batch, channels, height, width); "
                              f"got shape {tuple(latent.shape)}")
         t = max(1, tile_size // 8)
+        _check(vae, "decode")
+        if max(latent.shape[-2:]) <= t:  # one tile: the untiled decode is the exact result, at no extra memory
+            return (vae.decode(latent),)
         progress, park, keep = _prepare(vae, "decode", latent.shape, tile_size, overlap,
                                   lambda shape, dt: vae.memory_used_decode((1, shape[1], t, t), dt))
         if progress is None:
@@ -160,6 +168,9 @@ class LinFusionVAEEncodeTiled:
                              f"{tuple(pixels.shape)}")
         rgb = pixels[:, :, :, :3]
         pixels = vae.vae_encode_crop_pixels(rgb).movedim(-1, 1)  # a view: no copy of the image
+        _check(vae, "encode")
+        if max(pixels.shape[-2:]) <= tile_size:  # one tile: the untiled encode is the exact result
+            return ({"samples": vae.encode(rgb)},)
         progress, park, _ = _prepare(vae, "encode", pixels.shape, tile_size, overlap,
                                   lambda shape, dt: vae.memory_used_encode((1, shape[1], tile_size, tile_size), dt))
         if progress is None:

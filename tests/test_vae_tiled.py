@@ -140,6 +140,17 @@ def test_real_attention_in_one_attention_tile_equals_untiled(vt):
                     m.encode(x * 2 - 1)) < TOL
 
 
+def test_default_attention_window_is_twice_the_tile(vt):
+    """The attention window defaults to 2 x tile: with 64-pixel tiles and no overlap a 128x128 image is one attention
+    window (untiled result); a 64-pixel window gives something else."""
+    m = _model("kl")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(14))
+    with torch.inference_mode():
+        ref = m.decode(z)
+        assert _err(vt.decode(m, z, tile=64, overlap=0), ref) < TOL
+        assert _err(vt.decode(m, z, tile=64, overlap=0, attention_tile=64), ref) > 100 * TOL
+
+
 def test_closer_to_untiled_than_comfyui_three_pass(vt, comfy_inproc):
     """With attention per tile, at ComfyUI's tile geometry (tile 16 latents, overlap 4): the distance to the untiled
     decode is smaller than that of ComfyUI's VAE.decode_tiled_ (three tilings averaged, per-tile GroupNorm)."""
@@ -149,7 +160,7 @@ def test_closer_to_untiled_than_comfyui_three_pass(vt, comfy_inproc):
     z = torch.randn(1, 4, 24, 32, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         ref = vae.first_stage_model.decode(z)
-        ours = vt.decode(vae.first_stage_model, z, tile=128, overlap=32)
+        ours = vt.decode(vae.first_stage_model, z, tile=128, overlap=32, attention_tile=128)
         comfy3 = vae.decode_tiled_(z, tile_x=16, tile_y=16, overlap=4) * 2 - 1  # undo process_output's (x+1)/2
     ref_c = ref.clamp(-1, 1)  # process_output clamps; compare in the clamped range
     d_ours = (ours.clamp(-1, 1) - ref_c).abs()
@@ -244,7 +255,7 @@ def test_nodes_match_untiled_comfyui_vae(pack, comfy_vae):
     vae.first_stage_model = _swap_attention(copy.deepcopy(comfy_vae.first_stage_model), "identity")
     dec = pack.NODE_CLASS_MAPPINGS["LinFusionVAEDecodeTiled"]()
     enc = pack.NODE_CLASS_MAPPINGS["LinFusionVAEEncodeTiled"]()
-    z = torch.randn(1, 4, 12, 20, generator=torch.Generator().manual_seed(9))
+    z = torch.randn(1, 4, 12, 40, generator=torch.Generator().manual_seed(9))  # wider than one 256-pixel tile
     calls = []
     comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: calls.append((v, t)))
     try:
@@ -252,14 +263,27 @@ def test_nodes_match_untiled_comfyui_vae(pack, comfy_vae):
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     ref = vae.decode(z)
-    assert img.shape == ref.shape == (1, 96, 160, 3)
+    assert img.shape == ref.shape == (1, 96, 320, 3)
     assert (img - ref).abs().max() < 1e-4
     assert calls and calls[-1][0] == calls[-1][1] and [v for v, _ in calls] == sorted(v for v, _ in calls)
-    pix = torch.rand(1, 100, 164, 4, generator=torch.Generator().manual_seed(10))  # RGBA, not multiples of 8
+    pix = torch.rand(1, 100, 300, 4, generator=torch.Generator().manual_seed(10))  # RGBA, not multiples of 8
     (lat,) = enc.encode(pix, vae, tile_size=256, overlap=64)
     ref_lat = vae.encode(pix[:, :, :, :3])
-    assert lat["samples"].shape == ref_lat.shape == (1, 4, 12, 20)
+    assert lat["samples"].shape == ref_lat.shape == (1, 4, 12, 37)
     assert (lat["samples"] - ref_lat).abs().max() / ref_lat.abs().max() < TOL
+
+
+def test_node_runs_an_image_of_one_tile_untiled(pack, comfy_vae):
+    """An image no larger than one tile goes through ComfyUI's own untiled VAE: bit for bit its result (the tiled
+    path would differ by float rounding and by nothing else)."""
+    dec = pack.NODE_CLASS_MAPPINGS["LinFusionVAEDecodeTiled"]()
+    enc = pack.NODE_CLASS_MAPPINGS["LinFusionVAEEncodeTiled"]()
+    z = torch.randn(1, 4, 32, 24, generator=torch.Generator().manual_seed(13))  # 256x192 pixels, tile 256
+    with torch.inference_mode():
+        (img,) = dec.decode({"samples": z}, comfy_vae, tile_size=256, overlap=64)
+        assert torch.equal(img, comfy_vae.decode(z))
+        (lat,) = enc.encode(img, comfy_vae, tile_size=256, overlap=64)
+        assert torch.equal(lat["samples"], comfy_vae.encode(img))
 
 
 def test_node_honours_interrupt(pack, comfy_vae):
@@ -268,7 +292,7 @@ def test_node_honours_interrupt(pack, comfy_vae):
     mm.interrupt_current_processing(True)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            dec.decode({"samples": torch.zeros(1, 4, 16, 16)}, comfy_vae, tile_size=256, overlap=64)
+            dec.decode({"samples": torch.zeros(1, 4, 16, 48)}, comfy_vae, tile_size=256, overlap=64)
     finally:
         mm.interrupt_current_processing(False)
 
@@ -291,7 +315,7 @@ def test_node_falls_back_to_comfyui_tiling_when_ram_is_short(pack, comfy_vae, mo
     monkeypatch.setattr(vae_mod, "_available_ram", lambda: 1000)
     dec = pack.NODE_CLASS_MAPPINGS["LinFusionVAEDecodeTiled"]()
     enc = pack.NODE_CLASS_MAPPINGS["LinFusionVAEEncodeTiled"]()
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+    z = torch.randn(1, 4, 8, 40, generator=torch.Generator().manual_seed(12))  # more than one 256-pixel tile
     with caplog.at_level("WARNING"), torch.inference_mode():  # as ComfyUI runs nodes
         (img,) = dec.decode({"samples": z}, comfy_vae, tile_size=256, overlap=64)
         assert "falling back" in caplog.text
