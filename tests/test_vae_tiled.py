@@ -77,20 +77,24 @@ def vt(comfy_inproc, pack):
     return pack.linfusion_core.vae_tiled
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_merged_statistics_equal_float64_whole_map(vt, dtype):
-    """The GroupNorm statistics merged over ragged tiles (strided views, as the sweeps pass them) equal torch's
-    float64 variance and mean of the whole map, per group, for a map far from zero mean (where a one-pass sum of
-    squares in float32 would lose the variance)."""
+def test_merged_statistics_equal_float64_whole_map(vt, dtype, layout):
+    """The GroupNorm statistics merged over ragged tiles (strided views, as the sweeps pass them; NCHW maps as on a
+    GPU, channels-last maps as on a CPU) equal torch's float64 variance and mean of the whole map, per group, for a
+    map far from zero mean (where a one-pass sum of squares in float32 would lose the variance)."""
     g = torch.Generator().manual_seed(0)
     C, groups, H, W = 64, 32, 37, 53
     offset = 40 * torch.randn(1, C, 1, 1, generator=g)
     x = (offset + torch.randn(1, C, H, W, generator=g) * (0.05 + torch.rand(1, C, 1, 1, generator=g))).to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert x[:, :, 16:32, 20:40].stride(1) == 1  # the tiles below take the channels-last path
     st = vt._Stats(groups, "cpu", planning=False)
     for y0 in range(0, H, 16):
         for x0 in range(0, W, 20):
             st.add(x[:, :, y0:y0 + 16, x0:x0 + 20])
-    ref_var, ref_mean = torch.var_mean(x.double().view(groups, -1), dim=1, unbiased=False)
+    ref_var, ref_mean = torch.var_mean(x.double().contiguous().view(groups, -1), dim=1, unbiased=False)
     var = st.m2 / st.n
     assert st.n == C // groups * H * W
     assert ((st.mean - ref_mean).abs() / ref_mean.abs()).max() < 1e-6
