@@ -148,8 +148,11 @@ def markdown(doc) -> str:
     def f(v, fmt="{:.1f}"):
         return fmt.format(v) if v is not None else "-"
 
+    def small(v, fmt):
+        return f"{v:.1e}" if 0 < v < 1e-3 else fmt.format(v)
+
     def d(r, k):
-        return f"{r[k]['max']:.4f} / {r[k]['mean']:.5f}" if k in r else "-"
+        return f"{small(r[k]['max'], '{:.4f}')} / {small(r[k]['mean'], '{:.5f}')}" if k in r else "-"
     lines = [f"# Tiled VAE on the CPU ({doc['date']}, {doc['machine']}, torch {doc['torch']}, {doc['vae_dtype']})", "",
              f"tile_size {doc['tile_size']}, overlap {doc['overlap']} (both nodes). `{doc['command']}`", "",
              "| size | what | ComfyUI tiled s | ours s | speed-up | untiled s | peak GiB ComfyUI / ours / untiled "
