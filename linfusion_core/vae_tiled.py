@@ -17,8 +17,8 @@ How it stays equal to the untiled network
 - The only approximation is the mid-block self-attention, computed per attention tile: the queries of a core of
   ``attention_tile`` image pixels (default twice ``tile``: the attention runs on the 8x smaller latent grid, where a
   window that size needs about the device memory of one convolution tile) attend to keys and values of that core
-  plus ``overlap`` context on each side. When the whole
-  latent fits one attention tile, the result equals the untiled VAE to float tolerance.
+  plus ``overlap`` context on each side. When the whole latent fits one attention tile, the result equals the
+  untiled VAE to float tolerance.
 
 What is kept (per image of a batch; batches run one image at a time): within a ResNet block, its input (or, when the
 block changes channels or follows an upsampler, its shortcut) and the first convolution's output, i.e. two maps of
@@ -242,9 +242,12 @@ class _Runner:
         dtype = self.dtype
 
         def apply(x):
-            y = torch.addcmul(shift, x.float(), scale, out=self.scratch(x.shape))
-            return F.silu(y, inplace=True).to(dtype)
+            return F.silu(self.scale_shift(x, scale, shift), inplace=True).to(dtype)
         return apply
+
+    def scale_shift(self, x, scale, shift):
+        """``x * scale + shift`` in float32 (a GroupNorm with global statistics), written into the scratch buffer."""
+        return torch.addcmul(shift, x.float(), scale, out=self.scratch(x.shape))
 
     def scratch(self, shape):
         """A float32 buffer of ``shape`` on the device, reused from tile to tile: the normalised tile is written there
@@ -370,7 +373,7 @@ class _Runner:
 
             def fn(t, core):
                 y0, y1, x0, x1 = core
-                h = torch.addcmul(shift, t.float(), scale, out=self.scratch(t.shape)).to(dtype)
+                h = self.scale_shift(t, scale, shift).to(dtype)
                 q = attn.q(h[:, :, y0:y1, x0:x1])
                 k, v = attn.k(h), attn.v(h)
                 del h
