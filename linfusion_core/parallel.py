@@ -284,6 +284,9 @@ def default_weights(module: nn.Module, x: torch.Tensor):
 
 # ------------------------------------------------------------------------------------------------ the context
 
+_WARNED: set = set()
+
+
 class SpatialParallel:
     """``with SpatialParallel(unet, bands, group):`` runs ``unet`` (any module tree of nn.Conv2d, nn.GroupNorm,
     LinFusionAttention and per-token layers) on this rank's band, exactly as the whole image would run.
@@ -304,7 +307,6 @@ class SpatialParallel:
         self.softmax_fn = softmax_fn
         self._tokens = bands.global_tokens(self.rank)
         self._undo = []
-        self._warned = set()
 
     @property
     def traffic(self) -> Traffic:
@@ -445,8 +447,8 @@ class SpatialParallel:
         if mask is not None:
             raise NotImplementedError("LinFusion spatial parallel: masks on self-attention are not supported")
         key = label or id(m)
-        if key not in self._warned:
-            self._warned.add(key)
+        if key not in _WARNED:  # once per layer in a process, not every step
+            _WARNED.add(key)
             if self.rank == 0:
                 log.warning("LinFusion spatial parallel: softmax self-attention %s runs on all-gathered keys and "
                             "values (exact, but its traffic grows with the image area; LinFusion layers "
@@ -468,14 +470,17 @@ def shard_control(control, bands: Bands, rank: int):
 
 def unet_step(unet: nn.Module, x: torch.Tensor, timesteps, context=None, *, bands: Bands, group=None,
               y=None, control=None, control_is_sharded: bool = False, transformer_options=None, gather: bool = True,
-              traffic: Traffic | None = None, weight_fn=default_weights, softmax_fn=sdpa_attention, **kwargs):
+              traffic: Traffic | None = None, weight_fn=default_weights, softmax_fn=sdpa_attention, forward=None,
+              **kwargs):
     """One UNet step (``unet(x, timesteps, context, y, control, transformer_options, **kwargs)``, the
     openaimodel.UNetModel call) on this rank's band.
 
     ``x``: the full latent (every rank has it, e.g. after a broadcast) or already this rank's band (kept sharded
     from the previous step). Returns the full output on rank 0 and None elsewhere when ``gather``, else this rank's
     band of the output. ``control`` (a ControlNet's residuals, ComfyUI's dict of lists) is cut to the band unless
-    ``control_is_sharded`` (a ControlNet run on the band itself, under its own SpatialParallel)."""
+    ``control_is_sharded`` (a ControlNet run on the band itself, under its own SpatialParallel). ``forward``: what
+    to call instead of ``unet`` with the same arguments (a host's wrapper chain that ends in the UNet's own forward;
+    the modules it runs are ``unet``'s)."""
     rank = dist.get_rank(group)
     xb = bands.shard(x, rank) if x.shape[-2] == bands.height and bands.ranks > 1 else x
     if xb.shape[-2] != bands.rows(rank)[1] - bands.rows(rank)[0]:
@@ -483,7 +488,7 @@ def unet_step(unet: nn.Module, x: torch.Tensor, timesteps, context=None, *, band
     to = {} if transformer_options is None else transformer_options
     with SpatialParallel(unet, bands, group, traffic, weight_fn, softmax_fn) as sp:
         control = control if control_is_sharded else shard_control(control, bands, rank)
-        out = unet(xb, timesteps, context, y, control, to, **kwargs)
+        out = (forward or unet)(xb, timesteps, context, y, control, to, **kwargs)
         if gather:
             out = sp.comm.gather_rows(out, bands)
     return out
@@ -518,11 +523,15 @@ def _pack_root() -> str:
     return __name__.rsplit(".", 2)[0] if __name__.count(".") >= 2 else ""
 
 
-def send_module(module: nn.Module, group=None) -> None:
+def send_module(module: nn.Module, group=None, tensors: dict | None = None, drop_attrs=(), scrub=None) -> None:
     """Rank 0's half of a ``load``: the name this pack is imported under (the host's; workers alias it), the module
     tree without its weights (meta tensors, pickled), then every tensor of its state dict broadcast one at a time,
     so no rank holds more than one extra copy of a weight (a pickled UNet in one piece would be a second and
-    third copy on every rank). Hooks of other code are closures of this process: they stay behind."""
+    third copy on every rank). Hooks of other code are closures of this process: they stay behind.
+
+    ``tensors``: {state-dict name: tensor} sent instead of the module's own (weights with a host's patches applied);
+    ``drop_attrs``: module attributes the workers get empty (lists of this process's patch functions), never
+    copied; ``scrub(skeleton)``: last changes to the copy before it is pickled."""
     import copy
     src = 0 if group is None else dist.get_global_rank(group, 0)
     dist.broadcast_object_list([{"op": "load", "pack": _pack_root()}], src=src, group=group)
@@ -530,7 +539,14 @@ def send_module(module: nn.Module, group=None) -> None:
     for t in list(module.parameters()) + list(module.buffers()):
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    for m in module.modules():
+        for attr in drop_attrs:
+            v = m.__dict__.get(attr)
+            if isinstance(v, (list, tuple, dict)):
+                memo[id(v)] = type(v)()
     skeleton = copy.deepcopy(module, memo)
+    if scrub is not None:
+        scrub(skeleton)
     for m in skeleton.modules():
         for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs",
                       "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_state_dict_hooks",
@@ -538,10 +554,11 @@ def send_module(module: nn.Module, group=None) -> None:
             if isinstance(getattr(m, hooks, None), dict):
                 getattr(m, hooks).clear()
     sd = module.state_dict()
-    names = list(sd)
+    sd.update(tensors or {})
+    names = [(n, tuple(t.shape), t.dtype) for n, t in sd.items()]
     dist.broadcast_object_list([(skeleton, names)], src=src, group=group)
     del skeleton
-    for n in names:
+    for n, _, _ in names:
         dist.broadcast(sd[n].contiguous(), src=src, group=group)
     dist.barrier(group=group)
 
@@ -570,10 +587,9 @@ def _receive_module(cmd: dict, device: str, group=None) -> nn.Module:
     box = [None]
     dist.broadcast_object_list(box, src=src, group=group)
     skeleton, names = box[0]
-    meta = skeleton.state_dict(keep_vars=True)
     sd = {}
-    for n in names:
-        t = torch.empty(meta[n].shape, dtype=meta[n].dtype, device=device)
+    for n, shape, dtype in names:
+        t = torch.empty(shape, dtype=dtype, device=device)
         dist.broadcast(t, src=src, group=group)
         sd[n] = t
     skeleton.load_state_dict(sd, strict=True, assign=True)
@@ -621,25 +637,32 @@ def serve(device: str, group=None, parent_pid: int | None = None) -> None:
 def worker_main(rank: str, world: str, port: str, device: str, backend: str, parent_pid: str) -> None:
     """Entry point of a worker process started by a rank-0 host: join the group on loopback, then ``serve``.
     Command-line strings in, as the host's launcher passes them."""
+    run_worker(device, backend, dict(init_method=f"tcp://127.0.0.1:{port}", rank=int(rank), world_size=int(world)),
+               threads_share=int(world), parent_pid=int(parent_pid))
+
+
+def run_worker(device: str, backend: str, init: dict, threads_share: int = 1, parent_pid: int | None = None) -> None:
+    """Join the process group (``init``: init_process_group's arguments; {} for torchrun's environment), ``serve``
+    until rank 0 says exit, and end the process: code 0 then, 1 on any failure."""
     import os
     from datetime import timedelta
     if device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads_share))
     elif device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     timeout = timedelta(seconds=float(os.environ.get("LINFUSION_PARALLEL_TIMEOUT", "300")))
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=int(rank), world_size=int(world),
-                            timeout=timeout)
-    code = 0
+    code = 1
     try:
-        serve(device, parent_pid=int(parent_pid))
+        dist.init_process_group(backend, timeout=timeout, **(init or {"init_method": "env://"}))
+        serve(device, parent_pid=parent_pid)
+        code = 0
     except BaseException:  # noqa: BLE001  (rank 0 gone or a step failed)
         import traceback
         traceback.print_exc()
-        code = 1
     finally:
         try:
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
         os._exit(code)

@@ -2,6 +2,7 @@
 from .apply import ApplyLinFusion
 from .controlnet import ApplyLinFusionControlNet
 from .loader import LinFusionLoader, register_folder
+from .parallel import LinFusionSpatialParallel
 from .vae import LinFusionVAEDecodeTiled, LinFusionVAEEncodeTiled
 
 register_folder()
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "ApplyLinFusionControlNet": ApplyLinFusionControlNet,
     "LinFusionVAEDecodeTiled": LinFusionVAEDecodeTiled,
     "LinFusionVAEEncodeTiled": LinFusionVAEEncodeTiled,
+    "LinFusionSpatialParallel": LinFusionSpatialParallel,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LinFusionLoader": "Load LinFusion",
@@ -19,4 +21,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ApplyLinFusionControlNet": "Apply LinFusion (ControlNet)",
     "LinFusionVAEDecodeTiled": "VAE Decode (Tiled, LinFusion)",
     "LinFusionVAEEncodeTiled": "VAE Encode (Tiled, LinFusion)",
+    "LinFusionSpatialParallel": "LinFusion Spatial Parallel (multi-device)",
 }

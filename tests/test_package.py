@@ -17,7 +17,7 @@ from harness import registry_package
 
 REPO = Path(__file__).resolve().parent.parent
 # The product as the issue that split it defines it (not read from .comfyignore, which is what is tested).
-PRODUCT_FILES = {"__init__.py", "pyproject.toml", "README.md", "LICENSE", "requirements.txt"}
+PRODUCT_FILES = {"__init__.py", "launch.py", "pyproject.toml", "README.md", "LICENSE", "requirements.txt"}
 PRODUCT_DIRS = ("nodes/", "linfusion_core/", "workflows/")
 LAB_MODULES = {"harness", "tests", "benchmarks", "dev", "conftest"}
 
