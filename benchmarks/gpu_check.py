@@ -19,6 +19,9 @@ Sections (each in its own Python process, killed at its time limit; what it meas
              batch 1, fp16, an in-memory SD-XL stand-in) with LinFusion, without and with the mode: time and peak
              torch.cuda.max_memory_allocated with the weights resident, against 16 GB (benchmarks/gpu_lowmem.py;
              the dry run: SD-1.5 at 64×64 px).
+  parallel   the spatial-parallel path (linfusion_core/parallel.py, issue 14) on one rank against the plain UNet call:
+             SD-1.5 stand-in with LinFusion, batch 2, fp16, at 2048², 4096² and the 16K stage; time ratio, peak
+             memory and the outputs' difference (benchmarks/gpu_parallel.py; the dry run: 64×64 px, gloo).
   chain      workflows/linfusion_sd15_16k.json at full size (1024×512 → … → 16384×8192), in-process through
              ComfyUI's executor (execution.PromptExecutor, this pack loaded as a custom node by
              nodes.init_extra_nodes) from the API prompt made beforehand by the real frontend
@@ -71,6 +74,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import gpu_lowmem  # noqa: E402  (the low-memory rows, issue 13)
+import gpu_parallel  # noqa: E402  (the spatial-parallel one-rank overhead, issue 14)
 API_PROMPT = BENCH / "sd15_16k_api.json"
 RESULTS = BENCH / "results"
 CARRY = REPO / ".gpu-carry"
@@ -112,12 +116,13 @@ GPU_CONFIG = {
              "target_s": 1.5, "warmup": True},
     "chain": {"stages": 5, "steps": 2, "scale": 1.0},
     "lowmem": gpu_lowmem.GPU,
+    "parallel": gpu_parallel.GPU,
     # The 16K decode (latent 2048x1024) of the SD-1.5 and SD-XL VAE in fp16: ComfyUI's VAE Decode (Tiled) against
     # this pack's, at one tile size. Opt-in on a GPU (--sections ... vae): it needs about 80 GiB of host RAM.
     "vae": {"sizes": [[16384, 8192]], "archs": ["sd15", "sdxl"], "impls": ["linfusion", "comfyui"],
             "tile": 1024, "overlap": 64, "dtype": "float16"},
     # at most; the chain (slowest, 16K) gets the rest
-    "shares": {"attention": 0.15, "unet": 0.2, "lowmem": 0.15, "vae": 0.3},
+    "shares": {"attention": 0.15, "unet": 0.2, "lowmem": 0.15, "parallel": 0.1, "vae": 0.3},
     "budget": 480.0,
 }
 DRY_CONFIG = {
@@ -129,9 +134,10 @@ DRY_CONFIG = {
              "stock_max_latent_px": None, "max_reps": 1, "target_s": 0.0, "warmup": False},
     "chain": {"stages": 2, "steps": 1, "scale": 1 / 16},
     "lowmem": gpu_lowmem.DRY,
+    "parallel": gpu_parallel.DRY,
     "vae": {"sizes": [[128, 64]], "archs": ["sd15", "sdxl"], "impls": ["linfusion", "comfyui"],
             "tile": 64, "overlap": 16, "dtype": "float32"},  # fp16 convolutions crawl on a CPU
-    "shares": {"attention": 0.2, "unet": 0.35, "lowmem": 0.15, "vae": 0.15},
+    "shares": {"attention": 0.2, "unet": 0.3, "lowmem": 0.15, "parallel": 0.1, "vae": 0.15},
     # Generous: on a shared 2-core machine one tiny UNet call can take minutes when memory is short; the time
     # guards themselves are tested apart (tests/test_gpu_check.py).
     "budget": 1500.0,
@@ -444,6 +450,30 @@ def comfy_env(spec: dict) -> dict:
     return env
 
 
+def record_error(row: dict, e: BaseException, what: str) -> str:
+    """A failed row: its error's first line (marked OOM when it is one), the traceback's tail, a log line."""
+    oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+    row["error"] = ("OOM: " if oom else "") + first_line(e)
+    row["traceback"] = traceback.format_exc()[-2000:]
+    log(f"{what}: {row['error']}")
+    return row["error"]
+
+
+def section_start(spec: dict, rec: Record):
+    """The common start of a model section in its process: ComfyUI imported as the spec says, the environment
+    recorded, this pack imported. Returns (torch, comfy.model_management, the pack, cuda?, the env dict)."""
+    import_comfy(spec)
+    import torch
+    import comfy.model_management as mm
+    from harness.host import import_pack
+    cuda = mm.get_torch_device().type == "cuda"
+    env = torch_env(torch, cuda)
+    env.update(comfy_env(spec))
+    rec.data["env"] = env
+    rec.save()
+    return torch, mm, import_pack("LinFusionGPUCheck"), cuda, env
+
+
 # ================================================================================================ unet section
 def unet_skip_reason(name: str, latent_px: int, formula: float, total_mem: float | None, last, left: float,
                      stock_max_latent_px: int | None = None) -> str | None:
@@ -565,11 +595,7 @@ def child_unet(spec: dict, rec: Record) -> None:
                 last[name] = (lh * lw, row["seconds"])
                 log(f"unet {name:13s} {w}x{h}: {row['seconds']:8.3f} s  peak +{meter.peak / 2**20:9.0f} MiB")
             except Exception as e:
-                oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
-                row["error"] = ("OOM: " if oom else "") + first_line(e)
-                row["traceback"] = traceback.format_exc()[-2000:]
-                failed[name] = row["error"]
-                log(f"unet {name} {w}x{h}: {row['error']}")
+                failed[name] = record_error(row, e, f"unet {name} {w}x{h}")
             rec.row(row)
             del m
             mm.unload_all_models()
@@ -1105,7 +1131,8 @@ def child_vae(spec: dict, rec: Record) -> None:
 
 CHILDREN = {"attention": child_attention, "unet": child_unet, "chain": child_chain, "prepare": child_prepare,
             "vae": child_vae,
-            "lowmem": lambda spec, rec: gpu_lowmem.child_lowmem(spec, rec, sys.modules[__name__])}
+            "lowmem": lambda spec, rec: gpu_lowmem.child_lowmem(spec, rec, sys.modules[__name__]),
+            "parallel": lambda spec, rec: gpu_parallel.child_parallel(spec, rec, sys.modules[__name__])}
 
 
 def child_main(section: str, spec_path: Path, out: Path) -> int:
@@ -1113,7 +1140,7 @@ def child_main(section: str, spec_path: Path, out: Path) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for the stacks before a kill
     if os.environ.get("GPU_CHECK_STACKS"):  # debugging: every thread's stack every N seconds
         faulthandler.dump_traceback_later(float(os.environ["GPU_CHECK_STACKS"]), repeat=True)
-    if section in ("unet", "chain", "lowmem"):  # ComfyUI's own INFO lines (model loads, DynamicVRAM) go into the log
+    if section in ("unet", "chain", "lowmem", "parallel"):  # ComfyUI's own INFO lines (model loads, DynamicVRAM) go into the log
         import logging
         logging.basicConfig(level=logging.INFO, format="  [comfy] %(levelname)s %(message)s")
     spec = json.loads(Path(spec_path).read_text())
@@ -1257,9 +1284,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU dry run at tiny sizes (what the test suite runs)")
     ap.add_argument("--comfyui", help="ComfyUI tree (default: COMFYUI_PATH, else .gpu-carry/comfyui)")
     ap.add_argument("--budget", type=float, help="seconds for the whole check (default 480 on a GPU)")
-    ap.add_argument("--sections", nargs="+", default=None, choices=["attention", "unet", "lowmem", "chain", "vae"],
-                    help="default: attention unet lowmem chain (on a GPU; the 16K VAE rows need ~80 GiB of host "
-                         "RAM, add vae to run them), attention unet lowmem vae chain (--dry)")
+    ap.add_argument("--sections", nargs="+", default=None, choices=["attention", "unet", "lowmem", "parallel", "chain", "vae"],
+                    help="default: attention unet lowmem parallel chain (on a GPU; the 16K VAE rows need ~80 GiB "
+                         "of host RAM, add vae to run them), attention unet lowmem parallel vae chain (--dry)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the .json and .md go")
     ap.add_argument("--work", type=Path, help="scratch folder (base dir, images, parts; default: a temp folder)")
     ap.add_argument("--fixtures-dir", type=Path,
@@ -1280,8 +1307,8 @@ def main(argv=None) -> int:
     ap.add_argument("--make-fixture", nargs=2, metavar=("NAME", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.sections is None:
-        args.sections = (["attention", "unet", "lowmem", "vae", "chain"] if args.dry
-                         else ["attention", "unet", "lowmem", "chain"])
+        args.sections = (["attention", "unet", "lowmem", "parallel", "vae", "chain"] if args.dry
+                         else ["attention", "unet", "lowmem", "parallel", "chain"])
     if args.child:
         return child_main(args.child, args.spec, args.out)
     if args.make_fixture:  # harness.fixtures.build in this process (run by the prepare section)
@@ -1325,7 +1352,7 @@ def main(argv=None) -> int:
     def share(name):
         return min(deadline, time.time() + budget * config["shares"][name])
 
-    need_models = any(s in args.sections for s in ("unet", "lowmem", "chain"))
+    need_models = any(s in args.sections for s in ("unet", "lowmem", "parallel", "chain"))
     prep = None
     if need_models:  # stand-in weights, in the background while the attention section runs
         prep = Child("prepare", dict(common, deadline=deadline), work,
@@ -1344,7 +1371,7 @@ def main(argv=None) -> int:
             models = {"ckpt_path": p["ckpt_path"], "linfusion_path": p["linfusion_path"]}
         else:
             log(f"stand-in weights failed: {p.get('error')}\n{(work / 'prepare.log').read_text()[-3000:]}")
-    for section in ("unet", "lowmem", "vae", "chain"):
+    for section in ("unet", "lowmem", "parallel", "vae", "chain"):
         if section not in args.sections:
             continue
         if section == "vae":  # needs no stand-in checkpoint: the VAEs are built in the section
@@ -1365,7 +1392,7 @@ def main(argv=None) -> int:
                                            "error": f"time budget spent ({left:.0f} s left)"}
             continue
         log(f"section {section}")
-        if section in ("unet", "lowmem"):
+        if section in ("unet", "lowmem", "parallel"):
             until = share(section)
             report["sections"][section] = Child(
                 section, dict(common, **models, cfg=config[section], deadline=until), work,
@@ -1489,6 +1516,7 @@ def markdown(rep: dict) -> str:
                      f"{_gib(r.get('estimate_bytes'))} |")
         L += _skips(u)
     L += gpu_lowmem.markdown(secs.get("lowmem"), _gib)
+    L += gpu_parallel.markdown(secs.get("parallel"), _gib)
     v = secs.get("vae")
     if v and v.get("status") != "not run":
         L += ["## Tiled VAE decode (LinFusionVAEDecodeTiled vs ComfyUI's VAE Decode (Tiled))", "",

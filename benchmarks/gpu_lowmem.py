@@ -52,23 +52,14 @@ def sampling_options(m) -> dict:
 def child_lowmem(spec: dict, rec, gc) -> None:
     """``gc``: the gpu_check module (its helpers)."""
     cfg, deadline = spec["cfg"], spec["deadline"]
-    gc.import_comfy(spec)
+    torch, mm, pack, cuda, env = gc.section_start(spec, rec)
     import gc as pygc
-    import torch
-    import comfy.model_management as mm
     import comfy.sd
     sys.path.insert(0, str(BENCH))
     import unet_variants
     from harness import linfusion_fixtures
-    from harness.host import import_pack
     from harness.peakmem import PeakRSS
 
-    cuda = mm.get_torch_device().type == "cuda"
-    env = gc.torch_env(torch, cuda)
-    env.update(gc.comfy_env(spec))
-    rec.data["env"] = env
-    rec.save()
-    pack = import_pack("LinFusionGPUCheck")
     family = cfg["family"]
     t = time.perf_counter()
     if family == "sd15" and spec.get("ckpt_path"):
@@ -132,11 +123,7 @@ def child_lowmem(spec: dict, rec, gc) -> None:
             gc.log(f"lowmem {what}: {row['seconds']:.2f} s, peak +{meter.peak / 2**30:.2f} GiB"
                    + (f" ({meter.total / 2**30:.2f} GiB with the weights)" if cuda else ""))
         except Exception as e:
-            import traceback
-            oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
-            row["error"] = ("OOM: " if oom else "") + gc.first_line(e)
-            row["traceback"] = traceback.format_exc()[-2000:]
-            gc.log(f"lowmem {what}: {row['error']}")
+            gc.record_error(row, e, f"lowmem {what}")
         rec.row(row)
         del m
         mm.unload_all_models()

@@ -208,7 +208,7 @@ def _tolerance(dtype: str) -> float:
 
 def test_dry_run_mode_and_sections(dry):
     assert dry["mode"] == "CPU dry run" and any("CPU DRY RUN" in n for n in dry["notes"])
-    for name in ("prepare", "attention", "unet", "vae", "chain"):
+    for name in ("prepare", "attention", "unet", "parallel", "vae", "chain"):
         assert dry["sections"][name]["status"] == "done", (name, dry["sections"][name].get("error"),
                                                           dry["sections"][name].get("traceback"))
 
@@ -287,6 +287,22 @@ def test_dry_lowmem_rows(dry):
     assert on["estimate_on_bytes"] <= on["estimate_off_bytes"]
     md = "\n".join(gpu_check.gpu_lowmem.markdown(sec, gpu_check._gib))
     assert "Low-memory mode" in md and md.count("| sd15 |") == 2
+
+
+def test_dry_parallel_rows(dry):
+    """The spatial-parallel rows (issue 14; benchmarks/gpu_parallel.py): the parallel path on one rank against the
+    plain UNet call, timed, with the same output (a rank of one exchanges nothing; its halos are zero padding)."""
+    sec = dry["sections"]["parallel"]
+    assert sec["status"] == "done", (sec.get("error"), sec.get("traceback"))
+    rows = sec["rows"]
+    _finite_numbers(rows)
+    assert [r["size"] for r in rows] == dry["config"]["parallel"]["sizes"]
+    for r in rows:
+        assert "error" not in r, r.get("traceback")
+        assert r["plain"]["seconds"] > 0 and r["parallel_1rank"]["seconds"] > 0, r
+        assert r["max_rel_diff"] < 1e-5, r
+    md = "\n".join(gpu_check.gpu_parallel.markdown(sec, gpu_check._gib))
+    assert "one-rank overhead" in md and md.count("| 64×64 |") == len(rows)
 
 
 def test_dry_vae_rows(dry):
