@@ -117,6 +117,7 @@ class _Pool:
         self.launcher = launcher
         self.procs = []
         self.weights_key = None
+        self.logged_shape = None
         self.world = len(devices)
         backend = "nccl" if devices[0].type == "cuda" else "gloo"
         timeout = timedelta(seconds=_timeout())
@@ -183,8 +184,17 @@ class _Pool:
                         "kwargs": kwargs}, "cpu")
         dist.broadcast_object_list([{"op": "step", "bands": bands, "args": args}], src=0)
         del args
-        return par.unet_step(unet, x, timesteps, context, bands=bands, y=y, control=control, gather=True,
-                             weight_fn=_norm_weights, forward=forward, **kwargs)
+        traffic = par.Traffic()
+        out = par.unet_step(unet, x, timesteps, context, bands=bands, y=y, control=control, gather=True,
+                            weight_fn=_norm_weights, forward=forward, traffic=traffic, **kwargs)
+        shape = (tuple(x.shape), self.world)
+        if shape != self.logged_shape:  # once per latent size: what a step moves
+            self.logged_shape = shape
+            kinds = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(traffic.bytes.items()))
+            log.info("LinFusion spatial parallel: latent %s on %d ranks, band rows %s: rank 0 sent %.2f MB in this "
+                     "step (%s); the step's inputs are broadcast and its output gathered on top", "x".join(
+                         map(str, x.shape)), self.world, list(bands.starts), traffic.total / 1e6, kinds)
+        return out
 
     def close(self, graceful: bool = True) -> None:
         if graceful and dist.is_initialized():

@@ -101,6 +101,9 @@ def test_graph_on_two_cpu_ranks_equals_one_device(srv):
     assert err < TOL, err
     assert len(_workers(srv)) == 1
     assert srv.log_text().count("weights sent to 1 worker") == 1
+    # What a step moves, logged once for the size (3 steps, 2 ranks): the halo rows and the LinFusion states.
+    (line,) = re.findall(r"latent 2x4x24x32 on 2 ranks, band rows \[0, \d+, 24\]: rank 0 sent .*", srv.log_text())
+    assert re.search(r"halo \d+\.\d\d MB", line) and re.search(r"linfusion_state \d+\.\d\d MB", line), line
 
 
 def test_lora_weights_reach_the_workers_once_per_change(srv):
