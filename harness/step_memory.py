@@ -12,6 +12,13 @@ For each size (in the order given, one process) it runs one ``apply_model`` of t
 An allocator keeps freed pages, so a size measured after a larger one under-reads: give sizes in increasing
 order, or one size per process (what the benchmark does).
 
+glibc's malloc is pinned for the measurement (``FIXED_MALLOC``; the process re-executes itself with it set).
+By default glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB on 64-bit);
+from then on tensors below it come from the heap arenas, whose freed pages stay resident and fragment, so the
+peak of the same step wandered with the order of frees: six runs of the SD-1.5 step at 1024x512 read 323 to
+527 MB (2026-12-02, this 2-core VM). With the thresholds fixed every tensor above 128 KiB is its own mapping,
+returned on free, and three runs agreed to 0.1 MB (275.3 MB).
+
 ``--low-memory on`` runs the patched model in its low-memory mode (nodes/lowmem.py). On a GPU the parked skips
 sit in host memory, outside the device; on this CPU they would sit in the same RAM as everything else, so they
 go into a host pool allocated and touched *before* the peak is reset (sized from the UNet's skip list), and the
@@ -22,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 CONTEXT = {"sd15": (768, None), "sd21": (1024, None), "sdxl": (2048, 2816)}  # cross-attn width, adm width
 
 
@@ -161,6 +170,10 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
 
 
 def main(argv=None):
+    if any(os.environ.get(k) != v for k, v in FIXED_MALLOC.items()):  # glibc reads these at start-up only
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "harness.step_memory", *argv],
+                  {**os.environ, **FIXED_MALLOC})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=sorted(CONTEXT), default="sd15")
     ap.add_argument("--config", choices=["stock", "linfusion"], default="linfusion")
