@@ -8,7 +8,7 @@ peak), which is this module run from the repository root; it prints one JSON lin
     python -m harness.layer_memory --tokens 1000000 --dtype bfloat16
 
 Temporary = growth of peak RSS during the forward pass (VmHWM reset via /proc/self/clear_refs) minus the
-output tensor, which is the layer's result, not a temporary.
+output tensor, which is the layer's result, not a temporary; glibc's malloc pinned (``peakmem.FIXED_MALLOC``).
 """
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def _measure_here(tokens: int, dtype_name: str) -> dict:
 
 
 def main(argv=None):
+    from .peakmem import run_with_fixed_malloc
+    run_with_fixed_malloc("harness.layer_memory", argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, required=True)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -12,12 +12,8 @@ For each size (in the order given, one process) it runs one ``apply_model`` of t
 An allocator keeps freed pages, so a size measured after a larger one under-reads: give sizes in increasing
 order, or one size per process (what the benchmark does).
 
-glibc's malloc is pinned for the measurement (``FIXED_MALLOC``; the process re-executes itself with it set).
-By default glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB on 64-bit);
-from then on tensors below it come from the heap arenas, whose freed pages stay resident and fragment, so the
-peak of the same step wandered with the order of frees: six runs of the SD-1.5 step at 1024x512 read 323 to
-527 MB (2026-12-02, this 2-core VM). With the thresholds fixed every tensor above 128 KiB is its own mapping,
-returned on free, and three runs agreed to 0.1 MB (275.3 MB).
+glibc's malloc is pinned for the measurement (``peakmem.FIXED_MALLOC``, which says why; the process re-executes
+itself with it set): unpinned, six runs of the SD-1.5 step at 1024x512 read 323 to 527 MB, pinned 275.3 MB.
 
 ``--low-memory on`` runs the patched model in its low-memory mode (nodes/lowmem.py). On a GPU the parked skips
 sit in host memory, outside the device; on this CPU they would sit in the same RAM as everything else, so they
@@ -29,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 CONTEXT = {"sd15": (768, None), "sd21": (1024, None), "sdxl": (2048, 2816)}  # cross-attn width, adm width
 
 
@@ -70,7 +64,8 @@ class HostPool:
 
 
 def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: int = 0,
-            check_sampling: bool = False, low_memory: str = "off", ff_chunk_elements: int | None = None) -> dict:
+            check_sampling: bool = False, low_memory: str = "off", ff_chunk_elements: int | None = None,
+            attn_chunk_elements: int | None = None) -> dict:
     from .host import host_info, import_pack
     from .peakmem import PeakRSS
     from . import fixtures
@@ -92,6 +87,8 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
             for obj in m.object_patches.values():
                 if isinstance(obj, pack.linfusion_core.chunked.TokenChunkedFeedForward):
                     obj.chunk_elements = int(ff_chunk_elements)
+        if attn_chunk_elements:  # the low-memory mode's token chunks of the LinFusion layers, smaller than usual
+            pack.linfusion_core.layer.LinFusionAttention.chunk_elements = int(attn_chunk_elements)
     mm.load_models_gpu([m])
     import comfy.patcher_extension as pe
     options = dict(m.model_options.get("transformer_options", {}))
@@ -127,7 +124,7 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
                         "seconds": secs, "parked": pool.high if pool else 0,
                         "stock_formula": stock_required(shape), "model_estimate": m.model.memory_required(shape)})
     res = {"family": family, "config": config, "low_memory": low_memory, "weights_bytes": int(m.model_size()),
-           "ff_chunk_elements": ff_chunk_elements,
+           "ff_chunk_elements": ff_chunk_elements, "attn_chunk_elements": attn_chunk_elements,
            "model_config": type(m.model.model_config).__name__,
            "dtype": str(m.model.get_dtype()).replace("torch.", ""), "threads": torch.get_num_threads(),
            "sizes": out}
@@ -170,10 +167,8 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
 
 
 def main(argv=None):
-    if any(os.environ.get(k) != v for k, v in FIXED_MALLOC.items()):  # glibc reads these at start-up only
-        argv = sys.argv[1:] if argv is None else list(argv)
-        os.execve(sys.executable, [sys.executable, "-m", "harness.step_memory", *argv],
-                  {**os.environ, **FIXED_MALLOC})
+    from .peakmem import run_with_fixed_malloc
+    run_with_fixed_malloc("harness.step_memory", argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=sorted(CONTEXT), default="sd15")
     ap.add_argument("--config", choices=["stock", "linfusion"], default="linfusion")
@@ -185,10 +180,13 @@ def main(argv=None):
                     help="ApplyLinFusion's low_memory (nodes/lowmem.py)")
     ap.add_argument("--ff-chunk-elements", type=int,
                     help="run the patched feed-forwards in chunks of this many elements (default: the pack's)")
+    ap.add_argument("--attn-chunk-elements", type=int,
+                    help="with --low-memory: run the LinFusion layers in token chunks of this many elements "
+                         "(default: the pack's)")
     a = ap.parse_args(argv)
     sizes = [[int(v) for v in s.lower().split("x")] for s in a.sizes]
     print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling, a.low_memory,
-                             a.ff_chunk_elements)), flush=True)
+                             a.ff_chunk_elements, a.attn_chunk_elements)), flush=True)
 
 
 if __name__ == "__main__":
