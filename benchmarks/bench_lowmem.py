@@ -6,10 +6,13 @@ peak is reset, so the peak is what a GPU would hold). Fits a line per family and
 At 16K every patched feed-forward runs in token chunks (linfusion_core/chunked.py). The SD-1.5 sizes above are
 past that threshold already; SD-XL's first transformer level is a quarter of the latent, so on this CPU (minutes
 per SD-XL step) its cells run below it, and --ff-chunk-elements makes them chunk (1 M-element chunks: 5 to 10
-chunks at these sizes, about 80 at 16K) so that the line has 16K's slope.
+chunks at these sizes, about 80 at 16K) so that the line has 16K's slope. In the same way
+--attn-chunk-elements runs the mode's token-chunked LinFusion layers in 1 M-element chunks (at 16K the default 16 M
+elements make 40 chunks of each of SD-1.5's first-level layers at batch 1; at these sizes one or two).
 
-    python benchmarks/bench_lowmem.py --family sd15 --sizes 2048x1024 2560x1280 3072x1536
-    python benchmarks/bench_lowmem.py --family sdxl --sizes 1024x1024 1536x1024 2048x1024 --ff-chunk-elements 1048576
+    python benchmarks/bench_lowmem.py --family sd15 --sizes 2048x1024 2560x1280 3072x1536 --attn-chunk-elements 1048576
+    python benchmarks/bench_lowmem.py --family sdxl --sizes 1024x1024 1536x1024 2048x1024 --ff-chunk-elements 1048576 \
+        --attn-chunk-elements 1048576
     python benchmarks/bench_lowmem.py --report        # tables + plot from the saved cells of both families
 
 Cells are appended to benchmarks/results/lowmem_cells_cpu.json as they finish (a rerun of a cell replaces it);
@@ -36,11 +39,14 @@ TARGET = {"sdxl": 16e9, "sd15": 10e9}  # issue 13: peak GPU memory with the weig
 FAMILY = {"sd15": "SD-1.5", "sdxl": "SD-XL"}
 
 
-def run_cell(python: str, family: str, size: str, mode: str, batch: int = 1, ff_chunk_elements=None) -> dict:
+def run_cell(python: str, family: str, size: str, mode: str, batch: int = 1, ff_chunk_elements=None,
+             attn_chunk_elements=None) -> dict:
     cmd = [python, "-m", "harness.step_memory", "--family", family, "--config", "linfusion", "--low-memory", mode,
            "--sizes", size, "--batch", str(batch)]
     if ff_chunk_elements:
         cmd += ["--ff-chunk-elements", str(ff_chunk_elements)]
+    if attn_chunk_elements:
+        cmd += ["--attn-chunk-elements", str(attn_chunk_elements)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{family} {size} {mode} failed:\n{proc.stderr[-3000:]}")
@@ -155,13 +161,16 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["off", "on"])
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--ff-chunk-elements", type=int, help="feed-forward chunk size for the cells (see above)")
+    ap.add_argument("--attn-chunk-elements", type=int,
+                    help="the mode's LinFusion-layer token chunk for the cells (see above)")
     a = ap.parse_args(argv)
     if a.family and a.sizes:
         python = host_info()["python"]
         for size in a.sizes:
             for mode in a.modes:
-                cell = run_cell(python, a.family, size, mode, 1, a.ff_chunk_elements)
+                cell = run_cell(python, a.family, size, mode, 1, a.ff_chunk_elements, a.attn_chunk_elements)
                 cell["ff_chunk_elements"] = a.ff_chunk_elements
+                cell["attn_chunk_elements"] = a.attn_chunk_elements
                 save_cell(cell)
                 print(f"{a.family} {size} {mode:3s}: peak +{cell['peak'] / 1e6:8.0f} MB, parked "
                       f"{cell['parked'] / 1e6:6.0f} MB, {cell['seconds']:.0f} s", flush=True)

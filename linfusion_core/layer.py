@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import lowmem
 from .attention import linear_attention
+from .attention import torch_fast
 from .masks import key_padding_keep, masked_linear_attention, warn_fallback_once
 
 
@@ -48,7 +50,14 @@ class LinFusionAttention(nn.Module):
     """LinFusion's normalized linear attention in place of ``base`` (a ComfyUI CrossAttention).
 
     Below ``softmax_below_tokens`` query tokens (0 = never) the base layer's own softmax attention runs instead.
+
+    In the low-memory mode (lowmem.enabled(), set per UNet call), an input of more than
+    ``chunk_elements`` elements runs in token chunks (``_token_chunked``): the projections and LinFusion's MLPs
+    never run at full size, and the layer holds its input, its output and one chunk's temporaries instead of
+    q, k, v, two MLP hidden states and the attention output at full size (about 5x the input).
     """
+
+    chunk_elements = 1 << 24  # batch x tokens x channels of one token chunk in the low-memory mode
 
     def __init__(self, base: nn.Module, weights: LinFusionWeights, softmax_below_tokens: int = 0, label: str = ""):
         super().__init__()
@@ -82,6 +91,8 @@ class LinFusionAttention(nn.Module):
                 return self._base(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
         to_q, to_k, to_v, to_out = (lf.to_q, lf.to_k, lf.to_v, lf.to_out) if lf.own_projections else \
             (self.to_q, self.to_k, self.to_v, self.to_out)
+        if keep is None and x.numel() > self.chunk_elements and lowmem.is_enabled():
+            return self._token_chunked(x, ctx, val, to_q, to_k, to_v, to_out)
         q = to_q(x + lf.to_q_(x))
         k = to_k(ctx + lf.to_k_(ctx))
         v = to_v(val)
@@ -90,6 +101,33 @@ class LinFusionAttention(nn.Module):
         else:
             out = masked_linear_attention(q, k, v, self.heads, keep)
         return to_out(out)
+
+    def _token_chunked(self, x, ctx, val, to_q, to_k, to_v, to_out):
+        """The same layer over token chunks: pass 1 sums phi(k)^T v and phi(k) over chunks of the keys, pass 2
+        runs each chunk of queries through the sums and ``to_out`` into the output. The attention is the torch
+        path's own two passes (attention/torch_fast.py) on chunks that are whole multiples of its chunk, so its
+        sums run in the same order as at full size; on CUDA it replaces the Triton kernel (the same math, fp32
+        sums)."""
+        lf = self.linfusion
+        B, N, C = x.shape
+        M = ctx.shape[1]
+        T = torch_fast.chunk_tokens_for(B, C, N, M)
+        L = max(T, self.chunk_elements // max(1, B * C) // T * T)
+        sums = None
+        for s in range(0, M, L):
+            c = ctx[:, s:s + L].contiguous()  # as the full-size rows are: the same GEMM per row, bit for bit
+            sums = torch_fast.key_sums(to_k(c + lf.to_k_(c)), to_v(val[:, s:s + L].contiguous()), self.heads, T,
+                                       sums)
+        state = torch_fast.augmented_state(sums, N, M)
+        del sums
+        out = None
+        for s in range(0, N, L):
+            xc = x[:, s:s + L].contiguous()
+            o = to_out(torch_fast.query_pass(to_q(xc + lf.to_q_(xc)), state, 1e-4, T))
+            if out is None:
+                out = o.new_empty(B, N, o.shape[-1])
+            out[:, s:s + L] = o
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.label} heads={self.heads}, softmax_below_tokens={self.softmax_below_tokens}"

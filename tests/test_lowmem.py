@@ -1,6 +1,6 @@
 """The low-memory mode (linfusion_core/lowmem.py, nodes/lowmem.py): exact through whole true-size UNets (SD-1.5,
-SD-XL) with and without a ControlNet, the chunked GroupNorm against float64, the skip parking's CPU path, the
-memory estimate per mode, the auto switch.
+SD-XL) with and without a ControlNet, the chunked GroupNorm and the token-chunked LinFusion layer against float64,
+the skip parking's CPU path, the memory estimate per mode, the auto switch.
 
 No CUDA here: the skip parking runs its CPU path for real (plain copies into host tensors, a separate copy back);
 its CUDA-only parts (pinned memory, the side stream, the events, the prefetch) are exercised by the GPU check
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from harness import controlnet_fixtures, fixtures, linfusion_fixtures
 
 SIGMA = torch.tensor([1.5])
-SMALL_CHUNK = 1 << 12  # forces the chunked GroupNorm at test sizes (the default starts at 8 M elements)
+SMALL_CHUNK = 1 << 12  # forces the chunked GroupNorm and LinFusion layers at test sizes (defaults: 8 M, 16 M)
 
 
 def rel(a, b) -> float:
@@ -34,15 +34,19 @@ def NL(pack):
 
 
 @pytest.fixture
-def small_chunks(NL, monkeypatch):
+def small_chunks(pack, NL, monkeypatch):
     monkeypatch.setattr(NL.NormActSequential, "chunk_elements", SMALL_CHUNK)
+    monkeypatch.setattr(pack.linfusion_core.layer.LinFusionAttention, "chunk_elements", SMALL_CHUNK)
+    monkeypatch.setattr(pack.linfusion_core.attention.torch_fast, "_CHUNK_ELEMENTS", SMALL_CHUNK)  # 64 tokens
 
 
 @pytest.fixture
-def counts(L, NL, monkeypatch):
-    """How often the mode's pieces ran: skips parked, skips brought back, chunked GroupNorm+SiLU passes."""
-    c = {"park": 0, "fetch": 0, "chunked_gn": 0}
+def counts(pack, L, NL, monkeypatch):
+    """How often the mode's pieces ran: skips parked, skips brought back, chunked GroupNorm+SiLU passes,
+    LinFusion layers in token chunks."""
+    c = {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0}
     park, fetch, gns = L.SkipParking.park, L.SkipParking.fetch, L.group_norm_silu
+    attn = pack.linfusion_core.layer.LinFusionAttention
 
     def spy(name, fn):
         def inner(*a, **k):
@@ -52,6 +56,7 @@ def counts(L, NL, monkeypatch):
     monkeypatch.setattr(L.SkipParking, "park", spy("park", park))
     monkeypatch.setattr(L.SkipParking, "fetch", spy("fetch", fetch))
     monkeypatch.setattr(L, "group_norm_silu", spy("chunked_gn", gns))
+    monkeypatch.setattr(attn, "_token_chunked", spy("chunked_attn", attn._token_chunked))
     return c
 
 
@@ -87,6 +92,56 @@ def test_group_norm_silu_against_float64(L, shape, groups):
         y = L.group_norm_silu(x, groups, None, None, 1e-5, SMALL_CHUNK, method=method)
         assert rel(y, L.group_norm_silu_f64(x, groups, None, None)) < 2e-7
     assert torch.equal(x, x0)
+
+
+def _layer(pack, c, heads, dtype, projections, seed=0):
+    """A LinFusion layer over a stand-in for ComfyUI's CrossAttention (only its attributes are used)."""
+    core = pack.linfusion_core
+
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads, self.dim_head = heads, c // heads
+            self.to_q, self.to_k, self.to_v = (torch.nn.Linear(c, c, bias=False) for _ in range(3))
+            self.to_out = torch.nn.Sequential(torch.nn.Linear(c, c))
+
+    g = torch.Generator().manual_seed(seed)
+    base = Base()
+    with torch.no_grad():
+        for prm in base.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g) * c ** -0.5)
+    t = linfusion_fixtures.layer_tensors(c, c, g, projections=projections)
+    lw = core.checkpoint.LayerWeights(0, c, c, projections, tensors=t)
+    return core.layer.build_layer(base.to(dtype), lw, dtype=dtype)
+
+
+@pytest.mark.parametrize("projections,batch", [(True, 2), (False, 1)])
+def test_layer_in_token_chunks_against_float64(pack, L, projections, batch, monkeypatch):
+    """The low-memory mode's token-chunked LinFusion layer (state summed over key chunks, then query chunks):
+    as close to the float64 layer as the full-size fp32 layer is, and within 1e-6 of it; uneven last chunk, two
+    samples, the base's projections or the file's; without the mode's flag the full-size path runs."""
+    lay32 = _layer(pack, 320, 8, torch.float32, projections)
+    lay64 = _layer(pack, 320, 8, torch.float64, projections)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1000, 320, generator=g)
+    calls = []
+    chunked = type(lay32)._token_chunked
+    monkeypatch.setattr(type(lay32), "_token_chunked", lambda self, *a: calls.append(1) or chunked(self, *a))
+    with torch.no_grad():
+        ref = lay64(x.double())
+        monkeypatch.setattr(type(lay32), "chunk_elements", batch * 200 * 320)  # 192-token chunks: 6, the last of 40
+        monkeypatch.setattr(pack.linfusion_core.attention.torch_fast, "_CHUNK_ELEMENTS", batch * 64 * 320)  # 64
+        full = lay32(x)  # with the attention's 64-token chunks
+        assert not calls and torch.equal(lay32(x), full)  # the flag is off: full size
+        with L.enabled():
+            parts = lay32(x)
+        assert len(calls) == 1
+    err_full, err_parts = rel(full, ref), rel(parts, ref)
+    print(f"LinFusion layer, token chunks: {err_parts:.2e} from float64 (full size {err_full:.2e}), "
+          f"{rel(parts, full):.2e} from full size")
+    assert err_full < 1e-6
+    assert err_parts <= 1.5 * err_full + 1e-8
+    assert rel(parts, full) < 1e-6
 
 
 def test_skip_parking_cpu_path(L):
@@ -174,20 +229,23 @@ def test_off_installs_nothing_and_input_model_untouched(pack, sd15, NL):
 
 def test_sd15_unet_exact(pack, sd15, counts, small_chunks):
     """Mode on against mode off through the whole true-size SD-1.5 UNet (fp32): <= 1e-6 relative; every skip
-    went through the parking and every ResBlock's norm through the chunked pass."""
+    went through the parking, every ResBlock's norm through the chunked pass and every LinFusion layer through
+    token chunks."""
     x, c = _sd15_inputs()
     off = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, c_crossattn=c)
-    assert counts == {"park": 0, "fetch": 0, "chunked_gn": 0}
+    assert counts == {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0}
     on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
     assert counts["park"] == counts["fetch"] == 12
     assert counts["chunked_gn"] == 2 * 22
+    assert counts["chunked_attn"] == 16  # SD-1.5's 16 attn1 layers
     print(f"SD-1.5 UNet, mode on vs off: {rel(on, off):.2e} relative")
     assert rel(on, off) <= 1e-6, rel(on, off)
     assert not torch.equal(on, torch.zeros_like(on))
-    # without the chunked norm the skips alone are bit-exact
+    # without the chunked norm and attention the skips alone are bit-exact
     counts["park"] = 0
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pack.nodes.lowmem.NormActSequential, "chunk_elements", 1 << 30)
+        mp.setattr(pack.linfusion_core.layer.LinFusionAttention, "chunk_elements", 1 << 30)
         whole = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
     assert counts["park"] == 12 and torch.equal(whole, off)
 
@@ -266,6 +324,7 @@ def test_sdxl_unet_exact(pack, comfy_inproc, counts, small_chunks, tmp_path_fact
         off = _run(_apply(pack, unet, ck, "off"), x, **cond)
         on = _run(_apply(pack, unet, ck, "on"), x, **cond)
         assert counts["park"] == counts["fetch"] == 9
+        assert counts["chunked_attn"] == 70  # SD-XL's 70 attn1 layers
         print(f"SD-XL UNet, mode on vs off: {rel(on, off):.2e} relative")
         assert rel(on, off) <= 1e-6, rel(on, off)
         net = comfy.controlnet.load_controlnet(str(controlnet_fixtures.ensure_controlnet("sdxl-small", "diffusers")))
