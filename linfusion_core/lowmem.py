@@ -14,6 +14,11 @@ attention is linear, and how to take it out without changing a number.
   from it: the stable form, partial sums combined in float64), exact to float rounding. A two-pass version on
   the ResBlocks was measured at 1.8e-6 relative through a whole SD-1.5 UNet (44 norms, each within 1e-7 of
   torch's kernel), over the 1e-6 this mode promises; the slabs give 0.
+- ``norm_silu_conv2d`` / ``upsample_conv2d`` (over ``conv2d_in_bands``): a ResBlock's ``GroupNorm -> SiLU -> conv``
+  and an upsampler's ``nearest resize -> conv`` by bands of output rows, each band making only its input rows
+  (plus the kernel's halo) from the block's input: the normalised or resized input never exists at full size.
+  GroupNorm as torch's kernel computes it (its own statistics, over slabs of whole groups; its fused affine form),
+  so bit for bit the full-size result on this CPU (tested, and 0.0 through whole UNets).
 - The LinFusion layers (layer.py, ``LinFusionAttention._token_chunked``) read ``is_enabled()`` too: in the mode a
   large layer runs in token chunks, its attention as the torch path's two passes over the same chunks (bit for bit
   the full-size result on this CPU, measured through whole SD-1.5 and SD-XL UNets).
@@ -135,6 +140,112 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
             o.copy_(F.silu(t, inplace=True))
             del t
     return out
+
+
+BAND_ELEMENTS = 1 << 24  # elements of one band of a convolution's input (rows x channels x width x batch)
+MIN_BAND_ROWS = 4
+
+
+def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           eps: float = 1e-5, chunk_elements: int = CHUNK_ELEMENTS):
+    """GroupNorm as a per (sample, channel) affine map: ``group_norm(x) == torch.addcmul(shift, x, scale)``, with
+    ``scale`` and ``shift`` of shape (N, C, 1, ...) in the accumulation dtype (float32; float64 for float64).
+
+    This is the form torch's CPU kernel computes (scale = rstd * weight, shift = bias - scale * mean with one
+    rounding, y = x * scale + shift fused), with torch's own mean and rstd, taken from its kernel over slabs of whole
+    groups (a group's statistics do not depend on the slab), so applying it to any rows of ``x`` gives those rows
+    of ``group_norm(x)`` bit for bit on this CPU (tested); on CUDA to float rounding. Temporaries: one slab."""
+    n, c = x.shape[:2]
+    cpg = c // num_groups
+    hw = x[0, 0].numel()
+    k = max(1, chunk_elements // max(1, n * cpg * hw))
+    means, rstds = [], []
+    for g0 in range(0, num_groups, k):
+        g1 = min(num_groups, g0 + k)
+        slab = x[:, g0 * cpg:g1 * cpg].contiguous()  # a view for one sample; a slab-sized copy for a batch
+        _, m, r = torch.native_group_norm(slab, None, None, n, slab.shape[1], hw, g1 - g0, eps)
+        means.append(m.double())
+        rstds.append(r.double())
+        del slab, _
+    acc = _acc_dtype(x.dtype)
+    mean = torch.cat(means, 1).repeat_interleave(cpg, dim=1)
+    scale = torch.cat(rstds, 1).repeat_interleave(cpg, dim=1)
+    if weight is not None:  # a product of two float32s is exact in float64: this rounds once, as float32 would
+        scale = scale * weight.double()
+    scale = scale.to(acc)
+    shift = -scale.double() * mean  # exact in float64; with the bias, one rounding below (the kernel's fma)
+    if bias is not None:
+        shift = shift + bias.double()
+    view = (n, c) + (1,) * (x.dim() - 2)
+    return scale.reshape(view), shift.to(acc).reshape(view)
+
+
+def conv2d_in_bands(rows, in_shape, weight: torch.Tensor, bias: torch.Tensor | None, padding,
+                    band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
+    """``conv2d(X, weight, bias, padding=padding)`` for a stride-1 convolution whose output has X's height, where
+    ``rows(lo, hi)`` returns rows ``lo:hi`` of X (N, C, H, W = ``in_shape``), made on demand: X is never built at
+    full size. Each band of output rows takes its input rows plus the kernel's halo, zero rows where the
+    convolution pads the top and bottom, and the width padding as is. The same sums per output pixel as the
+    full-size convolution (bit for bit on this CPU, tested)."""
+    n, c_in, h, w = in_shape
+    ph, pw = padding
+    # at least MIN_BAND_ROWS rows: for single rows oneDNN picks another kernel for some shapes (320 -> 640 channels
+    # at 12x20: 3.9e-7 relative from the full-size convolution); from two rows on, the same bits (measured)
+    band = max(MIN_BAND_ROWS, band_elements // max(1, n * c_in * w))
+    if band >= h:  # one band: the convolution as it is (an explicitly padded input may take another kernel)
+        return F.conv2d(rows(0, h), weight, bias, padding=(ph, pw))
+    out = None
+    for a in range(0, h, band):
+        b = min(h, a + band)
+        lo, hi = max(0, a - ph), min(h, b + ph)
+        r = rows(lo, hi)
+        top, bottom = ph - (a - lo), ph - (hi - b)
+        if top or bottom:
+            r = F.pad(r, (0, 0, top, bottom))
+        y = F.conv2d(r, weight, bias, padding=(0, pw))
+        del r
+        if out is None:
+            out = torch.empty((n, y.shape[1], h, y.shape[3]), dtype=y.dtype, device=y.device)
+        out[:, :, a:b] = y
+        del y
+    return out
+
+
+def norm_silu_conv2d(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None, padding, band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
+    """``conv2d(silu(group_norm(x)))`` of a ResBlock's in/out layers with the normalised input made band by band
+    (``scale``/``shift`` from ``group_norm_scale_shift``; fp16/bf16 normalise in float32 and round once before the
+    SiLU, as torch's kernel does). Holds ``x``, the output and one band's temporaries."""
+    def rows(lo, hi):
+        y = torch.addcmul(shift, x[:, :, lo:hi], scale)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return F.silu(y, inplace=True)
+    return conv2d_in_bands(rows, x.shape, weight, bias, padding, band_elements)
+
+
+def nearest_rows(out_rows: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """Source rows of a nearest-neighbour resize from ``in_size`` to ``out_size`` rows, as torch's kernels pick
+    them (``2x``: i // 2; otherwise floor(i * (in/out as float32)), clamped)."""
+    if out_size == in_size:
+        return out_rows
+    if out_size == 2 * in_size:
+        return out_rows // 2
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    return torch.floor(out_rows.float() * scale).long().clamp_(max=in_size - 1)
+
+
+def upsample_conv2d(x: torch.Tensor, size, weight: torch.Tensor, bias: torch.Tensor | None, padding,
+                    band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
+    """``conv2d(interpolate(x, size, mode="nearest"))`` (a UNet's Upsample) with the resized input made band by
+    band: holds ``x``, the output and one band's temporaries instead of the resized tensor at full size."""
+    n, c, h, w = x.shape
+    oh, ow = size
+
+    def rows(lo, hi):
+        src = nearest_rows(torch.arange(lo, hi, device=x.device), h, oh)
+        return F.interpolate(x.index_select(2, src), size=(hi - lo, ow), mode="nearest")
+    return conv2d_in_bands(rows, (n, c, oh, ow), weight, bias, padding, band_elements)
 
 
 def group_norm_silu_f64(x, num_groups, weight, bias, eps=1e-5) -> torch.Tensor:

@@ -4,8 +4,12 @@ with and without a ControlNet).
 
 What it installs on the patched clone (``install``), for ``low_memory`` "auto" or "on" ("off" installs nothing):
 - An object patch on every ResBlock's ``in_layers`` and ``out_layers``: the same Sequential (same children, so
-  weight names, LoRA keys and casting are untouched) whose ``GroupNorm -> SiLU`` runs chunked with two-pass
-  statistics while the mode is on for the call, and as ComfyUI runs it otherwise.
+  weight names, LoRA keys and casting are untouched) which, while the mode is on for the call, runs its
+  ``GroupNorm -> SiLU -> conv`` by bands of rows (torch's own group statistics first, then each band normalised,
+  activated and convolved with its halo: the normalised input never exists at full size; bit for bit the stock
+  result on this CPU), or for inputs under two bands the GroupNorm + SiLU in whole-group chunks, and as ComfyUI
+  runs it otherwise. Likewise every 2-D ``Upsample`` (a subclass of ComfyUI's, same children): its nearest resize
+  and convolution by bands of rows, so the resized input never exists at full size.
 - An APPLY_MODEL wrapper that decides per call whether the mode is on ("on": always; "auto": when the patched
   model's estimate says the step would not fit in free memory without it) and, when it is, adds three patches to
   that call's transformer_options: ``input_block_patch`` (last: park the skip in host memory, so the skip list
@@ -38,14 +42,18 @@ log = logging.getLogger("LinFusion")
 KEY = "linfusion_lowmem"
 MODES = ("auto", "on", "off")
 TOOLTIP = ("Low-memory mode for very large images (exact: the same result): the UNet's skip tensors wait in CPU "
-           "memory, ResBlock normalisation runs in chunks, and cond/uncond run one after the other when both do "
-           "not fit. auto = only when a step would not fit in free GPU memory otherwise; on = always; off = never. "
-           "Costs time when on (the copies to and from the CPU).")
+           "memory, ResBlocks, upsamplers and LinFusion layers run in pieces, and cond/uncond run one after the other "
+           "when both do not fit. auto = only when a step would not fit in free GPU memory otherwise; on = always; "
+           "off = never. Costs time when on (the copies to and from the CPU).")
 
 # Where parked skips live on non-CUDA devices: None = plain CPU tensors. The CPU measurement
 # (harness/step_memory.py) sets a pre-allocated pool here, so that parked skips count as host memory, not as the
 # step's working memory.
 HOST_ALLOC = None
+
+# Convolutions whose input would exceed two bands of this many elements run band by band in the mode (read at call
+# time; tests make it small).
+BAND_ELEMENTS = lowmem.BAND_ELEMENTS
 
 
 def normalize_mode(mode) -> str:
@@ -81,6 +89,15 @@ class NormActSequential(nn.Sequential):
             gn = mods[0]
             if hasattr(comfy.ops, "run_every_op"):
                 comfy.ops.run_every_op()
+            conv = None
+            if len(mods) >= 3 and all(_is_identity(m) for m in mods[2:-1]) and _bandable_input(x, BAND_ELEMENTS):
+                conv = banded_conv(mods[-1])
+            if conv is not None:  # GroupNorm -> SiLU -> conv by bands of rows: no full-size normalised input
+                with weight_and_bias(gn, x) as (w, b):
+                    scale, shift = lowmem.group_norm_scale_shift(x, gn.num_groups, _as(w, x), _as(b, x), gn.eps,
+                                                                 self.chunk_elements)
+                with weight_and_bias(conv, x) as (cw, cb):
+                    return lowmem.norm_silu_conv2d(x, scale, shift, cw, cb, conv.padding, BAND_ELEMENTS)
             with weight_and_bias(gn, x) as (w, b):
                 if w is not None and w.dtype != x.dtype:
                     w = w.to(x.dtype)
@@ -91,6 +108,93 @@ class NormActSequential(nn.Sequential):
                 x = m(x)
             return x
         return super().forward(x)
+
+
+def _as(t, like):
+    return t if t is None or t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _is_identity(m: nn.Module) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
+
+
+def _bandable_input(x: torch.Tensor, band_elements: int) -> bool:
+    return x.dim() == 4 and x.is_contiguous() and x.numel() > 2 * band_elements
+
+
+def banded_conv(conv: nn.Module):
+    """``conv`` when the low-memory mode can run it by bands of rows (a plain 2-D convolution, stride 1, zero
+    'same' padding, ComfyUI's or torch's forward), else None."""
+    if type(conv).forward not in _CONV_FORWARDS:
+        return None
+    k, p = conv.kernel_size, conv.padding
+    if (isinstance(p, str) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
+            or conv.padding_mode != "zeros" or any(kk != 2 * pp + 1 for kk, pp in zip(k, p))):
+        return None
+    return conv
+
+
+def _conv_forwards():
+    """The forwards of the 2-D convolutions whose whole work is ``conv2d(x, weight, bias)`` with ComfyUI's weight
+    handling (torch's, and those of ComfyUI's ops classes): anything else (another pack's conv) runs as it is."""
+    fs = {nn.Conv2d.forward}
+    for name in dir(comfy.ops):
+        ops = getattr(comfy.ops, name)
+        conv = getattr(ops, "Conv2d", None) if isinstance(ops, type) else None
+        if isinstance(conv, type) and issubclass(conv, nn.Conv2d):
+            fs.add(conv.forward)
+    return fs
+
+
+_CONV_FORWARDS = _conv_forwards()
+
+
+# -- Upsample: nearest resize + conv ----------------------------------------------------------------------------------
+
+def _same_children(cls, module: nn.Module) -> nn.Module:
+    """An instance of ``cls`` (a subclass of ``type(module)``) over ``module``'s children, parameters, buffers and
+    plain attributes, without running ``__init__``: the same weights under the same names."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in module.__dict__.items():
+        if not k.startswith("_"):
+            new.__dict__[k] = v
+    for table in ("_modules", "_parameters", "_buffers"):
+        getattr(new, table).update(getattr(module, table))
+    return new
+
+
+_BANDED_UPSAMPLE = {}
+
+
+def banded_upsample_class(base: type) -> type:
+    """A subclass of ComfyUI's ``Upsample`` (so the UNet still hands it the output shape) whose nearest resize and
+    convolution run by bands of rows while the low-memory mode is on (``lowmem.upsample_conv2d``): the resized
+    input never exists at full size. Otherwise exactly the base's forward."""
+    if base not in _BANDED_UPSAMPLE:
+        class BandedUpsample(base):
+            def forward(self, x, output_shape=None):
+                if (lowmem.is_enabled() and self.dims == 2 and self.use_conv and not torch.is_grad_enabled()
+                        and x.dim() == 4 and x.is_contiguous()):
+                    size = (x.shape[2] * 2, x.shape[3] * 2) if output_shape is None else tuple(output_shape[2:4])
+                    conv = banded_conv(self.conv)
+                    if conv is not None and x.shape[0] * x.shape[1] * size[0] * size[1] > 2 * BAND_ELEMENTS:
+                        if hasattr(comfy.ops, "run_every_op"):
+                            comfy.ops.run_every_op()
+                        with weight_and_bias(conv, x) as (cw, cb):
+                            return lowmem.upsample_conv2d(x, size, cw, cb, conv.padding, BAND_ELEMENTS)
+                return super().forward(x, output_shape=output_shape)
+
+        BandedUpsample.__name__ = BandedUpsample.__qualname__ = "Banded" + base.__name__
+        _BANDED_UPSAMPLE[base] = BandedUpsample
+    return _BANDED_UPSAMPLE[base]
+
+
+def upsample_paths(diffusion_model: nn.Module) -> list:
+    """Paths (under diffusion_model) of the UNet's 2-D upsamplers with a convolution."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
+    return [name for name, mod in diffusion_model.named_modules()
+            if isinstance(mod, Upsample) and getattr(mod, "use_conv", False) and getattr(mod, "dims", 2) == 2]
 
 
 def resblock_paths(diffusion_model: nn.Module) -> list:
@@ -107,13 +211,19 @@ def resblock_paths(diffusion_model: nn.Module) -> list:
 
 
 def patch_resblocks(model_patcher) -> int:
-    """Object patches putting a NormActSequential over each ResBlock's in/out layers. Returns how many."""
+    """Object patches putting a NormActSequential over each ResBlock's in/out layers and a banded upsampler over
+    each Upsample. Returns how many."""
     dm = model_patcher.get_model_object("diffusion_model")
     n = 0
     for path in resblock_paths(dm):
         key = f"diffusion_model.{path}"
         seq = model_patcher.get_model_object(key)
         model_patcher.add_object_patch(key, NormActSequential(OrderedDict(seq._modules)))
+        n += 1
+    for path in upsample_paths(dm):
+        key = f"diffusion_model.{path}"
+        up = model_patcher.get_model_object(key)
+        model_patcher.add_object_patch(key, _same_children(banded_upsample_class(type(up)), up))
         n += 1
     return n
 
@@ -125,6 +235,9 @@ def _on_multigpu_clone(src, clone):
         if isinstance(obj, NormActSequential):
             here = comfy.utils.get_attr(clone.model, key)
             clone.add_object_patch(key, NormActSequential(OrderedDict(here._modules)))
+        elif type(obj) in _BANDED_UPSAMPLE.values():
+            here = comfy.utils.get_attr(clone.model, key)
+            clone.add_object_patch(key, _same_children(type(obj), here))
 
 
 # -- the per-call switch and the skip tensors ------------------------------------------------------------------------

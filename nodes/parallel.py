@@ -312,10 +312,12 @@ def _patched_weights(unet, dtype) -> dict:
 
 def _scrub(skeleton) -> None:
     """The workers' copy runs plain ComfyUI module classes: the low-memory mode's Sequentials become plain ones
-    (it stays off in a parallel step, and its class lives with the nodes)."""
+    and upsamplers become ComfyUI's (it stays off in a parallel step, and its classes live with the nodes)."""
     for m in skeleton.modules():
         if isinstance(m, lowmem.NormActSequential):
             m.__class__ = torch.nn.Sequential
+        elif type(m) in lowmem._BANDED_UPSAMPLE.values():  # back to ComfyUI's Upsample
+            m.__class__ = type(m).__bases__[0]
 
 
 def _norm_weights(module, x):

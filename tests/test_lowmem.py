@@ -36,6 +36,7 @@ def NL(pack):
 @pytest.fixture
 def small_chunks(pack, NL, monkeypatch):
     monkeypatch.setattr(NL.NormActSequential, "chunk_elements", SMALL_CHUNK)
+    monkeypatch.setattr(NL, "BAND_ELEMENTS", SMALL_CHUNK)
     monkeypatch.setattr(pack.linfusion_core.layer.LinFusionAttention, "chunk_elements", SMALL_CHUNK)
     monkeypatch.setattr(pack.linfusion_core.attention.torch_fast, "_CHUNK_ELEMENTS", SMALL_CHUNK)  # 64 tokens
 
@@ -43,8 +44,8 @@ def small_chunks(pack, NL, monkeypatch):
 @pytest.fixture
 def counts(pack, L, NL, monkeypatch):
     """How often the mode's pieces ran: skips parked, skips brought back, chunked GroupNorm+SiLU passes,
-    LinFusion layers in token chunks."""
-    c = {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0}
+    LinFusion layers in token chunks, convolutions by bands of rows (ResBlocks' norm-SiLU-conv, upsamplers)."""
+    c = {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0, "banded": 0}
     park, fetch, gns = L.SkipParking.park, L.SkipParking.fetch, L.group_norm_silu
     attn = pack.linfusion_core.layer.LinFusionAttention
 
@@ -57,6 +58,7 @@ def counts(pack, L, NL, monkeypatch):
     monkeypatch.setattr(L.SkipParking, "fetch", spy("fetch", fetch))
     monkeypatch.setattr(L, "group_norm_silu", spy("chunked_gn", gns))
     monkeypatch.setattr(attn, "_token_chunked", spy("chunked_attn", attn._token_chunked))
+    monkeypatch.setattr(L, "conv2d_in_bands", spy("banded", L.conv2d_in_bands))
     return c
 
 
@@ -91,6 +93,38 @@ def test_group_norm_silu_against_float64(L, shape, groups):
     for method in ("slabs", "two_pass"):
         y = L.group_norm_silu(x, groups, None, None, 1e-5, SMALL_CHUNK, method=method)
         assert rel(y, L.group_norm_silu_f64(x, groups, None, None)) < 2e-7
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("shape,groups,out_c", [((1, 960, 37, 23), 32, 48), ((2, 320, 16, 20), 32, 64),
+                                                 ((1, 64, 9, 7), 8, 16)])
+def test_convolutions_in_bands_bit_exact(L, shape, groups, out_c):
+    """The mode's banded GroupNorm -> SiLU -> conv (a ResBlock's layers) and nearest-resize -> conv (an Upsample):
+    the same bits as the full-size ops (torch's own group statistics, its kernel's affine form; the same sums per
+    output pixel), for bands of one row up to one band, uneven last bands, two samples, odd resize factors; the
+    float64 path against the float64 definition; the input is never written."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * 3 + 1.5
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    conv = torch.nn.Conv2d(shape[1], out_c, 3, padding=1)
+    up = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1)
+    x0 = x.clone()
+    row = shape[0] * shape[1] * shape[3]
+    with torch.no_grad():
+        full = conv(F.silu(F.group_norm(x, groups, w, b, 1e-5)))
+        scale, shift = L.group_norm_scale_shift(x, groups, w, b, 1e-5, chunk_elements=SMALL_CHUNK)
+        assert torch.equal(torch.addcmul(shift, x, scale), F.group_norm(x, groups, w, b, 1e-5))
+        for band in (1, 2 * row + 5, 1 << 30):
+            y = L.norm_silu_conv2d(x, scale, shift, conv.weight, conv.bias, conv.padding, band)
+            assert torch.equal(y, full), band
+        for size in ((2 * shape[2], 2 * shape[3]), (2 * shape[2] + 1, 2 * shape[3] - 1)):
+            ref = up(F.interpolate(x, size=size, mode="nearest"))
+            assert torch.equal(L.upsample_conv2d(x, size, up.weight, up.bias, up.padding, 4 * row + 1), ref), size
+        xd, convd = x.double(), conv.double()
+        sd, hd = L.group_norm_scale_shift(xd, groups, w.double(), b.double(), 1e-5, chunk_elements=SMALL_CHUNK)
+        yd = L.norm_silu_conv2d(xd, sd, hd, convd.weight, convd.bias, conv.padding, 2 * row + 5)
+        refd = convd(L.group_norm_silu_f64(x, groups, w, b))
+        assert yd.dtype == torch.float64 and rel(yd, refd) < 1e-12
     assert torch.equal(x, x0)
 
 
@@ -219,6 +253,12 @@ def test_off_installs_nothing_and_input_model_untouched(pack, sd15, NL):
     assert not off.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
     seqs = {k: v for k, v in on.object_patches.items() if isinstance(v, NL.NormActSequential)}
     assert len(seqs) == 2 * 22  # SD-1.5: 22 ResBlocks (8 input side, 2 middle, 12 output side), in and out layers each
+    import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+    ups = {k: v for k, v in on.object_patches.items() if isinstance(v, oai.Upsample)}
+    assert sorted(ups) == [f"diffusion_model.output_blocks.{i}.{j}" for i, j in ((2, 1), (5, 2), (8, 2))]
+    for k, up in ups.items():  # ComfyUI's Upsample, over the same convolution
+        assert type(up) is not oai.Upsample and up.conv is unet.get_model_object(k).conv
+        assert type(unet.get_model_object(k)) is oai.Upsample
     assert on.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
     # same children under the same names: weight keys and LoRA keys resolve to the same modules
     key = "diffusion_model.input_blocks.1.0.in_layers"
@@ -233,10 +273,10 @@ def test_sd15_unet_exact(pack, sd15, counts, small_chunks):
     token chunks."""
     x, c = _sd15_inputs()
     off = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, c_crossattn=c)
-    assert counts == {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0}
+    assert counts == {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0, "banded": 0}
     on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
     assert counts["park"] == counts["fetch"] == 12
-    assert counts["chunked_gn"] == 2 * 22
+    assert counts["banded"] == 2 * 22 + 3  # every ResBlock's two norm-SiLU-convs, the three upsamplers
     assert counts["chunked_attn"] == 16  # SD-1.5's 16 attn1 layers
     print(f"SD-1.5 UNet, mode on vs off: {rel(on, off):.2e} relative")
     assert rel(on, off) <= 1e-6, rel(on, off)
@@ -245,6 +285,7 @@ def test_sd15_unet_exact(pack, sd15, counts, small_chunks):
     counts["park"] = 0
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pack.nodes.lowmem.NormActSequential, "chunk_elements", 1 << 30)
+        mp.setattr(pack.nodes.lowmem, "BAND_ELEMENTS", 1 << 30)
         mp.setattr(pack.linfusion_core.layer.LinFusionAttention, "chunk_elements", 1 << 30)
         whole = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
     assert counts["park"] == 12 and torch.equal(whole, off)
@@ -303,6 +344,7 @@ def test_sd15_unet_exact_with_controlnet(pack, sd15, counts, small_chunks, monke
         on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, control=_fresh(control), c_crossattn=c)
     assert "control could not be applied" not in caplog.text
     assert counts["park"] == 12 and len(seen) == 12 and all(seen)  # ComfyUI got Nones; the patch added them
+    assert counts["banded"] == 2 * 22 + 3
     print(f"SD-1.5 UNet + ControlNet, mode on vs off: {rel(on, off):.2e} relative")
     assert rel(on, off) <= 1e-6, rel(on, off)
     del net
@@ -325,6 +367,7 @@ def test_sdxl_unet_exact(pack, comfy_inproc, counts, small_chunks, tmp_path_fact
         on = _run(_apply(pack, unet, ck, "on"), x, **cond)
         assert counts["park"] == counts["fetch"] == 9
         assert counts["chunked_attn"] == 70  # SD-XL's 70 attn1 layers
+        assert counts["banded"] == 2 * 17 + 2  # SD-XL: 17 ResBlocks (6 in, 2 middle, 9 out), 2 upsamplers
         print(f"SD-XL UNet, mode on vs off: {rel(on, off):.2e} relative")
         assert rel(on, off) <= 1e-6, rel(on, off)
         net = comfy.controlnet.load_controlnet(str(controlnet_fixtures.ensure_controlnet("sdxl-small", "diffusers")))
@@ -396,7 +439,8 @@ def test_auto_switches_on_when_the_step_would_not_fit(pack, sd15, counts, small_
         return real(dev, True) if torch_free_too else small
     monkeypatch.setattr(mm, "get_free_memory", free)
     low = _run(auto, x, c_crossattn=c)
-    assert counts["park"] == 12 and counts["chunked_gn"] == 2 * 22
+    assert counts["park"] == 12 and counts["banded"] >= 3  # the smallest norms run unbanded at this size:
+    assert counts["chunked_gn"] + counts["banded"] == 2 * 22 + 3  # every norm-SiLU-conv one way or the other
     assert rel(low, ref) <= 1e-6
 
 
