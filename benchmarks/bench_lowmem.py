@@ -15,6 +15,10 @@ elements make 40 chunks of each of SD-1.5's first-level layers at batch 1; at th
         --attn-chunk-elements 1048576
     python benchmarks/bench_lowmem.py --report        # tables + plot from the saved cells of both families
 
+Since 2026-12-03 the mode also runs large convolutions by bands of rows; --band-elements 1048576 bands them at
+these sizes as 16K bands them, and --name chunked_cpu keeps such cells apart (lowmem_cells_chunked_cpu.json, with
+the commands in docs/benchmarks.md).
+
 Cells are appended to benchmarks/results/lowmem_cells_cpu.json as they finish (a rerun of a cell replaces it);
 --report writes benchmarks/results/lowmem_cpu.md and lowmem_cpu.png.
 """
@@ -33,20 +37,23 @@ from harness.host import host_info  # noqa: E402
 from bench_step_memory import fit  # noqa: E402  (the same least-squares line as the step-memory fits)
 
 RESULTS = REPO / "benchmarks" / "results"
-CELLS = RESULTS / "lowmem_cells_cpu.json"
+NAME = "cpu"  # --name: the set of cells (lowmem_cells_<name>.json) and its report (lowmem_<name>.md/.png, fits)
+CELLS = RESULTS / f"lowmem_cells_{NAME}.json"
 PX_16K = (16384 // 8) * (8192 // 8)  # latent px of a 16384x8192 image
 TARGET = {"sdxl": 16e9, "sd15": 10e9}  # issue 13: peak GPU memory with the weights resident
 FAMILY = {"sd15": "SD-1.5", "sdxl": "SD-XL"}
 
 
 def run_cell(python: str, family: str, size: str, mode: str, batch: int = 1, ff_chunk_elements=None,
-             attn_chunk_elements=None) -> dict:
+             attn_chunk_elements=None, band_elements=None) -> dict:
     cmd = [python, "-m", "harness.step_memory", "--family", family, "--config", "linfusion", "--low-memory", mode,
            "--sizes", size, "--batch", str(batch)]
     if ff_chunk_elements:
         cmd += ["--ff-chunk-elements", str(ff_chunk_elements)]
     if attn_chunk_elements:
         cmd += ["--attn-chunk-elements", str(attn_chunk_elements)]
+    if band_elements:
+        cmd += ["--band-elements", str(band_elements)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{family} {size} {mode} failed:\n{proc.stderr[-3000:]}")
@@ -121,8 +128,8 @@ def report() -> str:
                      f"{f['per_pixel']:,.0f} B | {mb(f['fixed'])} | {gb(p['activations'])} | {gb(p['weights'])} | "
                      f"{gb(p['total'])} | {ok} {TARGET[fam] / 1e9:.0f} GB |".replace(",", " "))
     table = "\n".join(lines)
-    (RESULTS / "lowmem_cpu.md").write_text(table + "\n")
-    (RESULTS / "lowmem_fits_cpu.json").write_text(json.dumps({f"{k[0]}-{k[1]}": v for k, v in fits.items()},
+    (RESULTS / f"lowmem_{NAME}.md").write_text(table + "\n")
+    (RESULTS / f"lowmem_fits_{NAME}.json").write_text(json.dumps({f"{k[0]}-{k[1]}": v for k, v in fits.items()},
                                                              indent=1))
     plot(cells, fits)
     return table
@@ -151,10 +158,11 @@ def plot(cells, fits):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "lowmem_cpu.png", dpi=110)
+    fig.savefig(RESULTS / f"lowmem_{NAME}.png", dpi=110)
 
 
 def main(argv=None):
+    global NAME, CELLS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["sd15", "sdxl"])
     ap.add_argument("--sizes", nargs="*", default=[])
@@ -163,14 +171,23 @@ def main(argv=None):
     ap.add_argument("--ff-chunk-elements", type=int, help="feed-forward chunk size for the cells (see above)")
     ap.add_argument("--attn-chunk-elements", type=int,
                     help="the mode's LinFusion-layer token chunk for the cells (see above)")
+    ap.add_argument("--band-elements", type=int,
+                    help="the mode's convolution band size for the cells (at 16K the default 16 M elements band "
+                         "every first- and second-level ResBlock and upsampler; at these sizes only some)")
+    ap.add_argument("--name", default=NAME,
+                    help="which set of cells: benchmarks/results/lowmem_cells_<name>.json, reported as "
+                         "lowmem_<name>.md / .png and lowmem_fits_<name>.json (default: %(default)s)")
     a = ap.parse_args(argv)
+    NAME, CELLS = a.name, RESULTS / f"lowmem_cells_{a.name}.json"
     if a.family and a.sizes:
         python = host_info()["python"]
         for size in a.sizes:
             for mode in a.modes:
-                cell = run_cell(python, a.family, size, mode, 1, a.ff_chunk_elements, a.attn_chunk_elements)
+                cell = run_cell(python, a.family, size, mode, 1, a.ff_chunk_elements, a.attn_chunk_elements,
+                                a.band_elements)
                 cell["ff_chunk_elements"] = a.ff_chunk_elements
                 cell["attn_chunk_elements"] = a.attn_chunk_elements
+                cell["band_elements"] = a.band_elements
                 save_cell(cell)
                 print(f"{a.family} {size} {mode:3s}: peak +{cell['peak'] / 1e6:8.0f} MB, parked "
                       f"{cell['parked'] / 1e6:6.0f} MB, {cell['seconds']:.0f} s", flush=True)

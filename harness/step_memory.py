@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,9 +64,45 @@ class HostPool:
         return self.buf[start:start + n].view(dtype).view(shape)
 
 
+class BlockPeaks:
+    """Where a step peaks: the peak RSS (above the step's starting RSS) while each child of each UNet block runs
+    (ResBlock, transformer, up/downsampler), from VmHWM reset as the child starts. Tensors made between children
+    (the decoder's concatenation) are alive inside the next child, so they count there."""
+
+    def __init__(self, dm):
+        from .peakmem import proc_status, reset_peak
+        self.rows, self.base = [], 0
+        blocks = [(f"input_blocks.{i}", b) for i, b in enumerate(dm.input_blocks)] + [("middle_block", dm.middle_block)]
+        blocks += [(f"output_blocks.{i}", b) for i, b in enumerate(dm.output_blocks)]
+        inside = os.environ.get("LINFUSION_PROBE_INSIDE")  # e.g. output_blocks.9.1: that module's parts instead
+        if inside:
+            blocks = [(inside, dm.get_submodule(inside))]
+        for name, block in blocks:
+            children = block.named_modules() if inside else block.named_children()
+            for cname, child in children:
+                if inside and (not cname or cname.count(".") > 2):
+                    continue
+                # (a pre-hook's return value would replace the input: return None)
+                child.register_forward_pre_hook(lambda *_: reset_peak() and None)
+                child.register_forward_hook(
+                    lambda *_, n=f"{name}.{cname}", t=type(child).__name__:
+                    self.rows.append([n, t, proc_status("VmHWM") - self.base]))
+
+    def start(self, base):
+        self.rows, self.base = [], base
+
+    def write(self, path, size, step_peak):
+        rows = sorted(self.rows, key=lambda r: -r[2])
+        with open(path, "a") as f:
+            f.write(json.dumps({"size": size, "step_peak": step_peak, "blocks": self.rows}) + "\n")
+        print(f"[block peaks {size}] step {step_peak / 1e6:.1f} MB; highest: "
+              + ", ".join(f"{n} ({t}) {v / 1e6:.1f}" for n, t, v in rows[:6]), file=sys.stderr)
+
+
 def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: int = 0,
             check_sampling: bool = False, low_memory: str = "off", ff_chunk_elements: int | None = None,
-            attn_chunk_elements: int | None = None) -> dict:
+            attn_chunk_elements: int | None = None, block_peaks: str | None = None,
+            band_elements: int | None = None) -> dict:
     from .host import host_info, import_pack
     from .peakmem import PeakRSS
     from . import fixtures
@@ -89,6 +126,8 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
                     obj.chunk_elements = int(ff_chunk_elements)
         if attn_chunk_elements:  # the low-memory mode's token chunks of the LinFusion layers, smaller than usual
             pack.linfusion_core.layer.LinFusionAttention.chunk_elements = int(attn_chunk_elements)
+        if band_elements:  # the mode's convolutions by bands of rows, from smaller inputs and in smaller bands
+            pack.nodes.lowmem.BAND_ELEMENTS = int(band_elements)
     mm.load_models_gpu([m])
     import comfy.patcher_extension as pe
     options = dict(m.model_options.get("transformer_options", {}))
@@ -104,6 +143,7 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
             kw["y"] = torch.randn(x.shape[0], adm_dim, generator=gen)
         m.model.apply_model(x, torch.tensor([1.5] * x.shape[0]), transformer_options=dict(options), **kw)
 
+    probe = BlockPeaks(m.model.diffusion_model) if block_peaks else None
     out = []
     with torch.inference_mode():
         step(torch.randn(batch, 4, 16, 16, generator=gen))  # warm-up: lazy init outside the measurement
@@ -116,7 +156,11 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
                 pack.nodes.lowmem.HOST_ALLOC = pool
             t0 = time.perf_counter()
             with PeakRSS() as p:
+                if probe:
+                    probe.start(p.base)
                 step(x)
+            if probe:
+                probe.write(block_peaks, f"{w}x{h}", p.peak)
             secs = time.perf_counter() - t0
             pack.nodes.lowmem.HOST_ALLOC = None
             shape = tuple(x.shape)
@@ -125,6 +169,7 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
                         "stock_formula": stock_required(shape), "model_estimate": m.model.memory_required(shape)})
     res = {"family": family, "config": config, "low_memory": low_memory, "weights_bytes": int(m.model_size()),
            "ff_chunk_elements": ff_chunk_elements, "attn_chunk_elements": attn_chunk_elements,
+           "band_elements": band_elements,
            "model_config": type(m.model.model_config).__name__,
            "dtype": str(m.model.get_dtype()).replace("torch.", ""), "threads": torch.get_num_threads(),
            "sizes": out}
@@ -183,10 +228,19 @@ def main(argv=None):
     ap.add_argument("--attn-chunk-elements", type=int,
                     help="with --low-memory: run the LinFusion layers in token chunks of this many elements "
                          "(default: the pack's)")
+    ap.add_argument("--block-peaks", metavar="FILE",
+                    help="append the peak while each child of each UNet block runs to FILE (JSON lines; the top "
+                         "six go to stderr): where the step peaks. LINFUSION_PROBE_INSIDE=output_blocks.9.1 probes "
+                         "that module's parts instead. The probe resets the peak per child, so the step's own "
+                         "reading is then only the last child's")
+    ap.add_argument("--band-elements", type=int,
+                    help="with --low-memory: run the ResBlocks' and upsamplers' convolutions by bands of this many "
+                         "input elements, from inputs of two bands on (default: the pack's)")
     a = ap.parse_args(argv)
     sizes = [[int(v) for v in s.lower().split("x")] for s in a.sizes]
     print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling, a.low_memory,
-                             a.ff_chunk_elements, a.attn_chunk_elements)), flush=True)
+                             a.ff_chunk_elements, a.attn_chunk_elements, a.block_peaks,
+                             a.band_elements)), flush=True)
 
 
 if __name__ == "__main__":
