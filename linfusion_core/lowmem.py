@@ -154,7 +154,9 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
     This is the form torch's CPU kernel computes (scale = rstd * weight, shift = bias - scale * mean with one
     rounding, y = x * scale + shift fused), with torch's own mean and rstd, taken from its kernel over slabs of whole
     groups (a group's statistics do not depend on the slab), so applying it to any rows of ``x`` gives those rows
-    of ``group_norm(x)`` bit for bit on this CPU (tested); on CUDA to float rounding. Temporaries: one slab."""
+    of ``group_norm(x)`` bit for bit on this CPU (tested); on CUDA to float rounding; fp16/bf16 inputs take the
+    statistics of a float32 copy of each slab (the kernel's own are float32 but returned rounded), within float32
+    rounding of the kernel's. Temporaries: one slab (in float32 for fp16/bf16)."""
     n, c = x.shape[:2]
     cpg = c // num_groups
     hw = x[0, 0].numel()
@@ -163,6 +165,10 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
     for g0 in range(0, num_groups, k):
         g1 = min(num_groups, g0 + k)
         slab = x[:, g0 * cpg:g1 * cpg].contiguous()  # a view for one sample; a slab-sized copy for a batch
+        if slab.dtype not in (torch.float32, torch.float64):
+            # the kernel normalises fp16/bf16 with float32 statistics but returns them rounded to the input's
+            # dtype: take them from a float32 copy of the slab instead
+            slab = slab.float()
         _, m, r = torch.native_group_norm(slab, None, None, n, slab.shape[1], hw, g1 - g0, eps)
         means.append(m.double())
         rstds.append(r.double())
