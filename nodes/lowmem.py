@@ -173,9 +173,9 @@ def banded_upsample_class(base: type) -> type:
     input never exists at full size. Otherwise exactly the base's forward."""
     if base not in _BANDED_UPSAMPLE:
         class BandedUpsample(base):
-            def forward(self, x, output_shape=None):
-                if (lowmem.is_enabled() and self.dims == 2 and self.use_conv and not torch.is_grad_enabled()
-                        and x.dim() == 4 and x.is_contiguous()):
+            def forward(self, x, output_shape=None, *args, **kwargs):
+                if (lowmem.is_enabled() and not args and not kwargs and self.dims == 2 and self.use_conv
+                        and not torch.is_grad_enabled() and x.dim() == 4 and x.is_contiguous()):
                     size = (x.shape[2] * 2, x.shape[3] * 2) if output_shape is None else tuple(output_shape[2:4])
                     conv = banded_conv(self.conv)
                     if conv is not None and x.shape[0] * x.shape[1] * size[0] * size[1] > 2 * BAND_ELEMENTS:
@@ -183,7 +183,7 @@ def banded_upsample_class(base: type) -> type:
                             comfy.ops.run_every_op()
                         with weight_and_bias(conv, x) as (cw, cb):
                             return lowmem.upsample_conv2d(x, size, cw, cb, conv.padding, BAND_ELEMENTS)
-                return super().forward(x, output_shape=output_shape)
+                return super().forward(x, output_shape, *args, **kwargs)
 
         BandedUpsample.__name__ = BandedUpsample.__qualname__ = "Banded" + base.__name__
         _BANDED_UPSAMPLE[base] = BandedUpsample
@@ -191,10 +191,13 @@ def banded_upsample_class(base: type) -> type:
 
 
 def upsample_paths(diffusion_model: nn.Module) -> list:
-    """Paths (under diffusion_model) of the UNet's 2-D upsamplers with a convolution."""
+    """Paths (under diffusion_model) of the UNet's 2-D upsamplers with a convolution: ComfyUI's own class only (an
+    upsampler another pack put in its place keeps its own behaviour)."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
+    ours = tuple(_BANDED_UPSAMPLE.values())  # in place while a patched copy is loaded: the tree shows ours
     return [name for name, mod in diffusion_model.named_modules()
-            if isinstance(mod, Upsample) and getattr(mod, "use_conv", False) and getattr(mod, "dims", 2) == 2]
+            if (type(mod) is Upsample or type(mod) in ours) and getattr(mod, "use_conv", False)
+            and getattr(mod, "dims", 2) == 2]
 
 
 def resblock_paths(diffusion_model: nn.Module) -> list:
@@ -220,11 +223,13 @@ def patch_resblocks(model_patcher) -> int:
         seq = model_patcher.get_model_object(key)
         model_patcher.add_object_patch(key, NormActSequential(OrderedDict(seq._modules)))
         n += 1
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
     for path in upsample_paths(dm):
         key = f"diffusion_model.{path}"
-        up = model_patcher.get_model_object(key)
-        model_patcher.add_object_patch(key, _same_children(banded_upsample_class(type(up)), up))
-        n += 1
+        up = model_patcher.get_model_object(key)  # another pack's object patch may stand here: leave it be
+        if type(up) is Upsample or type(up) in _BANDED_UPSAMPLE.values():
+            model_patcher.add_object_patch(key, _same_children(banded_upsample_class(Upsample), up))
+            n += 1
     return n
 
 

@@ -271,6 +271,24 @@ def test_off_installs_nothing_and_input_model_untouched(pack, sd15, NL):
     for k, up in ups.items():  # ComfyUI's Upsample, over the same convolution
         assert type(up) is not oai.Upsample and up.conv is unet.get_model_object(k).conv
         assert type(unet.get_model_object(k)) is oai.Upsample
+    # an upsampler another pack put in place (an object patch of its own) is left alone
+    other = unet.clone()
+
+    class TheirUpsample(oai.Upsample):
+        pass
+    theirs = NL._same_children(TheirUpsample, unet.get_model_object(sorted(ups)[0]))
+    other.add_object_patch(sorted(ups)[0], theirs)
+    on2 = _apply(pack, other, sd15["ck"], "on")
+    assert on2.object_patches[sorted(ups)[0]] is theirs
+    assert all(type(on2.object_patches[k]) is type(ups[k]) for k in sorted(ups)[1:])
+    # while a patched copy is loaded, the shared module tree holds our upsamplers: a new copy still gets its own
+    import comfy.model_management as mm
+    mm.load_models_gpu([on])
+    try:
+        again = _apply(pack, unet, sd15["ck"], "on")
+        assert sorted(k for k, v in again.object_patches.items() if isinstance(v, oai.Upsample)) == sorted(ups)
+    finally:
+        mm.unload_all_models()
     assert on.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
     # same children under the same names: weight keys and LoRA keys resolve to the same modules
     key = "diffusion_model.input_blocks.1.0.in_layers"
