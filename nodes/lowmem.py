@@ -87,8 +87,7 @@ class NormActSequential(nn.Sequential):
         if (len(mods) >= 2 and lowmem.is_enabled() and isinstance(mods[0], nn.GroupNorm)
                 and type(mods[1]) is nn.SiLU and not _autograd_needs(x, mods[0])):
             gn = mods[0]
-            if hasattr(comfy.ops, "run_every_op"):
-                comfy.ops.run_every_op()
+            _run_every_op()
             conv = None
             if len(mods) >= 3 and all(_is_identity(m) for m in mods[2:-1]) and _bandable_input(x, BAND_ELEMENTS):
                 conv = banded_conv(mods[-1])
@@ -108,6 +107,12 @@ class NormActSequential(nn.Sequential):
                 x = m(x)
             return x
         return super().forward(x)
+
+
+def _run_every_op():
+    """ComfyUI's per-op hook (0.33+: interrupt checks and the like), as its own ops call it before each op."""
+    if hasattr(comfy.ops, "run_every_op"):
+        comfy.ops.run_every_op()
 
 
 def _as(t, like):
@@ -167,6 +172,11 @@ def _same_children(cls, module: nn.Module) -> nn.Module:
 _BANDED_UPSAMPLE = {}
 
 
+def is_banded_upsample(module) -> bool:
+    """Whether ``module`` is one of our banded upsamplers (``banded_upsample_class``)."""
+    return type(module) in _BANDED_UPSAMPLE.values()
+
+
 def banded_upsample_class(base: type) -> type:
     """A subclass of ComfyUI's ``Upsample`` (so the UNet still hands it the output shape) whose nearest resize and
     convolution run by bands of rows while the low-memory mode is on (``lowmem.upsample_conv2d``): the resized
@@ -179,8 +189,7 @@ def banded_upsample_class(base: type) -> type:
                     size = (x.shape[2] * 2, x.shape[3] * 2) if output_shape is None else tuple(output_shape[2:4])
                     conv = banded_conv(self.conv)
                     if conv is not None and x.shape[0] * x.shape[1] * size[0] * size[1] > 2 * BAND_ELEMENTS:
-                        if hasattr(comfy.ops, "run_every_op"):
-                            comfy.ops.run_every_op()
+                        _run_every_op()
                         with weight_and_bias(conv, x) as (cw, cb):
                             return lowmem.upsample_conv2d(x, size, cw, cb, conv.padding, BAND_ELEMENTS)
                 return super().forward(x, output_shape, *args, **kwargs)
@@ -194,9 +203,9 @@ def upsample_paths(diffusion_model: nn.Module) -> list:
     """Paths (under diffusion_model) of the UNet's 2-D upsamplers with a convolution: ComfyUI's own class only (an
     upsampler another pack put in its place keeps its own behaviour)."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
-    ours = tuple(_BANDED_UPSAMPLE.values())  # in place while a patched copy is loaded: the tree shows ours
+    # (ours in place while a patched copy is loaded: the tree shows ours)
     return [name for name, mod in diffusion_model.named_modules()
-            if (type(mod) is Upsample or type(mod) in ours) and getattr(mod, "use_conv", False)
+            if (type(mod) is Upsample or is_banded_upsample(mod)) and getattr(mod, "use_conv", False)
             and getattr(mod, "dims", 2) == 2]
 
 
@@ -227,7 +236,7 @@ def patch_resblocks(model_patcher) -> int:
     for path in upsample_paths(dm):
         key = f"diffusion_model.{path}"
         up = model_patcher.get_model_object(key)  # another pack's object patch may stand here: leave it be
-        if type(up) is Upsample or type(up) in _BANDED_UPSAMPLE.values():
+        if type(up) is Upsample or is_banded_upsample(up):
             model_patcher.add_object_patch(key, _same_children(banded_upsample_class(Upsample), up))
             n += 1
     return n
@@ -240,7 +249,7 @@ def _on_multigpu_clone(src, clone):
         if isinstance(obj, NormActSequential):
             here = comfy.utils.get_attr(clone.model, key)
             clone.add_object_patch(key, NormActSequential(OrderedDict(here._modules)))
-        elif type(obj) in _BANDED_UPSAMPLE.values():
+        elif is_banded_upsample(obj):
             here = comfy.utils.get_attr(clone.model, key)
             clone.add_object_patch(key, _same_children(type(obj), here))
 

@@ -316,7 +316,7 @@ def _scrub(skeleton) -> None:
     for m in skeleton.modules():
         if isinstance(m, lowmem.NormActSequential):
             m.__class__ = torch.nn.Sequential
-        elif type(m) in lowmem._BANDED_UPSAMPLE.values():  # back to ComfyUI's Upsample
+        elif lowmem.is_banded_upsample(m):  # back to ComfyUI's Upsample
             m.__class__ = type(m).__bases__[0]
 
 
