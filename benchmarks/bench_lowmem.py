@@ -45,9 +45,11 @@ FAMILY = {"sd15": "SD-1.5", "sdxl": "SD-XL"}
 
 
 def run_cell(python: str, family: str, size: str, mode: str, batch: int = 1, ff_chunk_elements=None,
-             attn_chunk_elements=None, band_elements=None) -> dict:
+             attn_chunk_elements=None, band_elements=None, allocated: bool = False) -> dict:
     cmd = [python, "-m", "harness.step_memory", "--family", family, "--config", "linfusion", "--low-memory", mode,
            "--sizes", size, "--batch", str(batch)]
+    if allocated:
+        cmd += ["--allocated"]
     if ff_chunk_elements:
         cmd += ["--ff-chunk-elements", str(ff_chunk_elements)]
     if attn_chunk_elements:
@@ -60,7 +62,8 @@ def run_cell(python: str, family: str, size: str, mode: str, batch: int = 1, ff_
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     s = r["sizes"][0]
     return {"family": family, "size": size, "batch": batch, "mode": mode, "latent_px": s["latent_px"],
-            "peak": s["peak"], "seconds": s["seconds"], "parked": s["parked"], "estimate": r["estimates"][0],
+            "peak": s["peak"], "allocated_peak": s.get("allocated_peak"), "seconds": s["seconds"],
+            "parked": s["parked"], "estimate": r["estimates"][0],
             "estimate_low_memory": (r.get("estimates_low_memory") or [None])[0],
             "weights_fp32": r["weights_bytes"], "threads": r["threads"], "command": " ".join(cmd[1:])}
 
@@ -84,11 +87,21 @@ def predict_16k(a: float, b: float, weights_fp32: int, batch: int = 1) -> dict:
     return {"activations": act, "weights": weights_fp32 / 2, "total": act + weights_fp32 / 2}
 
 
+def _metric(cells) -> str:
+    """Which peak the report uses: the allocator's (``--allocated`` cells, the counterpart of CUDA's
+    max_memory_allocated) where every cell has it, else peak RSS."""
+    return "allocated_peak" if cells and all(c.get("allocated_peak") for c in cells) else "peak"
+
+
 def report() -> str:
     cells = [c for c in load_cells() if c["batch"] == 1]
+    key = _metric(cells)
+    cells = [{**c, "peak": c[key]} for c in cells]
+    what = ("peak of the bytes live in torch's CPU allocator above the step's start (harness/peakmem.PeakAllocated)"
+            if key == "allocated_peak" else "peak RSS growth")
     gb = lambda v: f"{v / 1e9:.2f} GB"  # noqa: E731
     mb = lambda v: f"{v / 1e6:,.0f} MB".replace(",", " ")  # noqa: E731
-    lines = ["One LinFusion UNet step, batch 1, fp32, CPU (2 threads), peak RSS growth in a fresh process per cell; "
+    lines = [f"One LinFusion UNet step, batch 1, fp32, CPU (2 threads), {what}, in a fresh process per cell; "
              "with the mode, the parked skips sit in a host pool outside the measured growth (on a GPU: host memory).",
              "", "| family | image | latent px | without the mode | with the mode | saved | parked skips | "
              "time without / with |", "|---|---|---|---|---|---|---|---|"]
@@ -131,11 +144,11 @@ def report() -> str:
     (RESULTS / f"lowmem_{NAME}.md").write_text(table + "\n")
     (RESULTS / f"lowmem_fits_{NAME}.json").write_text(json.dumps({f"{k[0]}-{k[1]}": v for k, v in fits.items()},
                                                              indent=1))
-    plot(cells, fits)
+    plot(cells, fits, "peak allocated (GB)" if key == "allocated_peak" else "peak memory growth (GB)")
     return table
 
 
-def plot(cells, fits):
+def plot(cells, fits, ylabel="peak memory growth (GB)"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,7 +167,7 @@ def plot(cells, fits):
                         label=f"{f['per_pixel'] / 1e3:.1f} KB/px + {f['fixed'] / 1e6:.0f} MB")
         ax.set_title(f"{FAMILY[fam]} UNet step, fp32, CPU")
         ax.set_xlabel("latent px × batch (thousands)")
-        ax.set_ylabel("peak memory growth (GB)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -174,6 +187,9 @@ def main(argv=None):
     ap.add_argument("--band-elements", type=int,
                     help="the mode's convolution band size for the cells (at 16K the default 16 M elements band "
                          "every first- and second-level ResBlock and upsampler; at these sizes only some)")
+    ap.add_argument("--allocated", action="store_true",
+                    help="also measure the peak of torch's CPU allocator (step_memory --allocated; the step runs "
+                         "under the profiler, so times read high); a set whose cells all have it is reported by it")
     ap.add_argument("--name", default=NAME,
                     help="which set of cells: benchmarks/results/lowmem_cells_<name>.json, reported as "
                          "lowmem_<name>.md / .png and lowmem_fits_<name>.json (default: %(default)s)")
@@ -184,12 +200,13 @@ def main(argv=None):
         for size in a.sizes:
             for mode in a.modes:
                 cell = run_cell(python, a.family, size, mode, 1, a.ff_chunk_elements, a.attn_chunk_elements,
-                                a.band_elements)
+                                a.band_elements, a.allocated)
                 cell["ff_chunk_elements"] = a.ff_chunk_elements
                 cell["attn_chunk_elements"] = a.attn_chunk_elements
                 cell["band_elements"] = a.band_elements
                 save_cell(cell)
-                print(f"{a.family} {size} {mode:3s}: peak +{cell['peak'] / 1e6:8.0f} MB, parked "
+                print(f"{a.family} {size} {mode:3s}: peak +{cell['peak'] / 1e6:8.0f} MB, allocated "
+                      f"{(cell['allocated_peak'] or 0) / 1e6:8.0f} MB, parked "
                       f"{cell['parked'] / 1e6:6.0f} MB, {cell['seconds']:.0f} s", flush=True)
     if a.report or not a.sizes:
         print(report())

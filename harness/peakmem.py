@@ -70,3 +70,48 @@ class PeakRSS:
 
     def __exit__(self, *exc):
         self.peak = proc_status("VmHWM") - self.base
+
+
+class PeakAllocated:
+    """Peak of the bytes live in torch's CPU allocator during a block, above those live at entry: the CPU
+    counterpart of CUDA's ``max_memory_allocated() - memory_allocated()``. Peak RSS also counts what no tensor
+    holds (oneDNN's and the allocator's retained pages); this counts tensors and the kernels' workspaces that go
+    through torch's allocator, as a GPU's caching allocator would. It runs the block under ``torch.profiler`` with
+    memory profiling (every allocation and free, with its time), so the block runs slower.
+
+    ``with PeakAllocated() as p: ...``; then ``p.peak``, and ``p.peak_between(t0, t1)`` for a part of the block
+    (``time.time_ns()`` stamps, the profiler's clock)."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        events = sorted((e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        self.times, self.live, cur = [], [], 0
+        for t, n in events:
+            cur += n
+            self.times.append(t)
+            self.live.append(cur)
+        # (as on CUDA: what was live at entry and freed inside lets the block allocate that much again unseen)
+        self.peak = self.peak_between(None, None)
+        self.prof = None
+
+    def live_at(self, t) -> int:
+        """Bytes live at time ``t`` above the block's start."""
+        import bisect
+        i = bisect.bisect_right(self.times, t)
+        return self.live[i - 1] if i > 0 else 0
+
+    def peak_between(self, t0, t1) -> int:
+        """The highest live-byte count from ``t0`` to ``t1`` (None: the block's start / end), above the block's
+        start (a part's peak counts what earlier parts left alive)."""
+        import bisect
+        i = 0 if t0 is None else bisect.bisect_left(self.times, t0)
+        j = len(self.times) if t1 is None else bisect.bisect_right(self.times, t1)
+        before = self.live[i - 1] if i > 0 else 0
+        return max([before, *self.live[i:j]])

@@ -70,8 +70,8 @@ class BlockPeaks:
     (the decoder's concatenation) are alive inside the next child, so they count there."""
 
     def __init__(self, dm):
-        from .peakmem import proc_status, reset_peak
-        self.rows, self.base = [], 0
+        from .peakmem import proc_status
+        self.rows, self.base, self.t0 = [], 0, []
         blocks = [(f"input_blocks.{i}", b) for i, b in enumerate(dm.input_blocks)] + [("middle_block", dm.middle_block)]
         blocks += [(f"output_blocks.{i}", b) for i, b in enumerate(dm.output_blocks)]
         inside = os.environ.get("LINFUSION_PROBE_INSIDE")  # e.g. output_blocks.9.1: that module's parts instead
@@ -83,28 +83,41 @@ class BlockPeaks:
                 if inside and (not cname or cname.count(".") > 2):
                     continue
                 # (a pre-hook's return value would replace the input: return None)
-                child.register_forward_pre_hook(lambda *_: reset_peak() and None)
+                child.register_forward_pre_hook(lambda *_: self._enter())
                 child.register_forward_hook(
                     lambda *_, n=f"{name}.{cname}", t=type(child).__name__:
-                    self.rows.append([n, t, proc_status("VmHWM") - self.base]))
+                    self.rows.append([n, t, proc_status("VmHWM") - self.base, self.t0.pop(), time.time_ns()]))
+
+    def _enter(self):
+        from .peakmem import reset_peak
+        reset_peak()
+        self.t0.append(time.time_ns())
 
     def start(self, base):
-        self.rows, self.base = [], base
+        self.rows, self.base, self.t0 = [], base, []
 
-    def write(self, path, size, step_peak):
+    def write(self, path, size, step_peak, allocated=None):
+        """With ``allocated`` (a finished ``PeakAllocated``), each row's peak is the allocator's, not RSS, and a
+        fourth column gives the bytes live as the child started (what earlier blocks left alive)."""
+        for r in self.rows:
+            t0, t1 = r.pop(3), r.pop(3)
+            if allocated is not None:
+                r[2] = allocated.peak_between(t0, t1)
+                r.append(allocated.live_at(t0))
         rows = sorted(self.rows, key=lambda r: -r[2])
         with open(path, "a") as f:
             f.write(json.dumps({"size": size, "step_peak": step_peak, "blocks": self.rows}) + "\n")
         print(f"[block peaks {size}] step {step_peak / 1e6:.1f} MB; highest: "
-              + ", ".join(f"{n} ({t}) {v / 1e6:.1f}" for n, t, v in rows[:6]), file=sys.stderr)
+              + ", ".join(f"{n} ({t}) {v / 1e6:.1f}" for n, t, v, *_ in rows[:6]), file=sys.stderr)
 
 
 def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: int = 0,
             check_sampling: bool = False, low_memory: str = "off", ff_chunk_elements: int | None = None,
             attn_chunk_elements: int | None = None, block_peaks: str | None = None,
-            band_elements: int | None = None) -> dict:
+            band_elements: int | None = None, allocated: bool = False) -> dict:
+    import contextlib
     from .host import host_info, import_pack
-    from .peakmem import PeakRSS
+    from .peakmem import PeakAllocated, PeakRSS
     from . import fixtures
     sys.path.insert(0, host_info()["comfyui"])
     from comfy.cli_args import args
@@ -155,17 +168,17 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
                     x.shape, unet_cfg["channel_mult"], unet_cfg["model_channels"], unet_cfg["num_res_blocks"], 4))
                 pack.nodes.lowmem.HOST_ALLOC = pool
             t0 = time.perf_counter()
-            with PeakRSS() as p:
+            with PeakRSS() as p, (PeakAllocated() if allocated else contextlib.nullcontext()) as pa:
                 if probe:
                     probe.start(p.base)
                 step(x)
             if probe:
-                probe.write(block_peaks, f"{w}x{h}", p.peak)
+                probe.write(block_peaks, f"{w}x{h}", pa.peak if pa else p.peak, pa)
             secs = time.perf_counter() - t0
             pack.nodes.lowmem.HOST_ALLOC = None
             shape = tuple(x.shape)
             out.append({"w": w, "h": h, "batch": batch, "latent_px": batch * (h // 8) * (w // 8), "peak": p.peak,
-                        "seconds": secs, "parked": pool.high if pool else 0,
+                        "allocated_peak": pa.peak if pa else None, "seconds": secs, "parked": pool.high if pool else 0,
                         "stock_formula": stock_required(shape), "model_estimate": m.model.memory_required(shape)})
     res = {"family": family, "config": config, "low_memory": low_memory, "weights_bytes": int(m.model_size()),
            "ff_chunk_elements": ff_chunk_elements, "attn_chunk_elements": attn_chunk_elements,
@@ -236,11 +249,16 @@ def main(argv=None):
     ap.add_argument("--band-elements", type=int,
                     help="with --low-memory: run the ResBlocks' and upsamplers' convolutions by bands of this many "
                          "input elements, from inputs of two bands on (default: the pack's)")
+    ap.add_argument("--allocated", action="store_true",
+                    help="also measure the peak of the bytes live in torch's CPU allocator (peakmem.PeakAllocated: "
+                         "the counterpart of CUDA's max_memory_allocated, without the pages RSS counts that no "
+                         "tensor holds); runs the step under the profiler, so its time reads high. With "
+                         "--block-peaks, the probe reports these peaks")
     a = ap.parse_args(argv)
     sizes = [[int(v) for v in s.lower().split("x")] for s in a.sizes]
     print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling, a.low_memory,
                              a.ff_chunk_elements, a.attn_chunk_elements, a.block_peaks,
-                             a.band_elements)), flush=True)
+                             a.band_elements, a.allocated)), flush=True)
 
 
 if __name__ == "__main__":
