@@ -195,14 +195,18 @@ def conv2d_in_bands(rows, in_shape, weight: torch.Tensor, bias: torch.Tensor | N
     full-size convolution (bit for bit on this CPU, tested)."""
     n, c_in, h, w = in_shape
     ph, pw = padding
-    # at least MIN_BAND_ROWS rows: for single rows oneDNN picks another kernel for some shapes (320 -> 640 channels
-    # at 12x20: 3.9e-7 relative from the full-size convolution); from two rows on, the same bits (measured)
+    # at least MIN_BAND_ROWS rows, the last band too: for single rows oneDNN picks another kernel for some shapes
+    # (320 -> 640 channels at 12x20: 3.9e-7 relative from the full-size convolution; on an AVX-512 CPU a last band
+    # of one row, 64 -> 16 channels at 9x7: 4.8e-7); from two rows on, the same bits (measured)
     band = max(MIN_BAND_ROWS, band_elements // max(1, n * c_in * w))
     if band >= h:  # one band: the convolution as it is (an explicitly padded input may take another kernel)
         return F.conv2d(rows(0, h), weight, bias, padding=(ph, pw))
+    starts = list(range(0, h, band))
+    if h - starts[-1] < MIN_BAND_ROWS:  # no short last band either: the one before takes its rows
+        starts.pop()
     out = None
-    for a in range(0, h, band):
-        b = min(h, a + band)
+    for i, a in enumerate(starts):
+        b = starts[i + 1] if i + 1 < len(starts) else h
         lo, hi = max(0, a - ph), min(h, b + ph)
         r = rows(lo, hi)
         top, bottom = ph - (a - lo), ph - (hi - b)
