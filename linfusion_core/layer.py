@@ -89,10 +89,9 @@ class LinFusionAttention(nn.Module):
             if keep is None:
                 warn_fallback_once(self, reason)
                 return self._base(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
-        to_q, to_k, to_v, to_out = (lf.to_q, lf.to_k, lf.to_v, lf.to_out) if lf.own_projections else \
-            (self.to_q, self.to_k, self.to_v, self.to_out)
+        to_q, to_k, to_v, to_out = self.projections()
         if keep is None and x.numel() > self.chunk_elements and lowmem.is_enabled():
-            return self._token_chunked(x, ctx, val, to_q, to_k, to_v, to_out)
+            return self._token_chunked(x, ctx, val)
         q = to_q(x + lf.to_q_(x))
         k = to_k(ctx + lf.to_k_(ctx))
         v = to_v(val)
@@ -102,28 +101,49 @@ class LinFusionAttention(nn.Module):
             out = masked_linear_attention(q, k, v, self.heads, keep)
         return to_out(out)
 
-    def _token_chunked(self, x, ctx, val, to_q, to_k, to_v, to_out):
+    def projections(self):
+        """(to_q, to_k, to_v, to_out): LinFusion's own where its checkpoint has them, else the base layer's."""
+        lf = self.linfusion
+        return (lf.to_q, lf.to_k, lf.to_v, lf.to_out) if lf.own_projections else \
+            (self.to_q, self.to_k, self.to_v, self.to_out)
+
+    def chunk_plan(self, B: int, N: int, M: int, C: int) -> tuple:
+        """(T, L): the attention's own chunk of tokens and the low-memory mode's token chunk, a whole multiple of
+        T of about ``chunk_elements`` elements, for (B, N, C) queries against M keys."""
+        T = torch_fast.chunk_tokens_for(B, C, N, M)
+        return T, max(T, self.chunk_elements // max(1, B * C) // T * T)
+
+    def key_state(self, chunks, N: int, M: int, T: int) -> torch.Tensor:
+        """Pass 1 of the token-chunked layer: the attention state from ``chunks``, an iterable of (keys' input,
+        values' input) pieces of (B, tokens, C), contiguous, all but the last a whole multiple of T tokens, in
+        order (their sums then run as at full size)."""
+        lf = self.linfusion
+        _, to_k, to_v, _ = self.projections()
+        sums = None
+        for c, v in chunks:
+            sums = torch_fast.key_sums(to_k(c + lf.to_k_(c)), to_v(v), self.heads, T, sums)
+        return torch_fast.augmented_state(sums, N, M)
+
+    def query_chunk(self, xc: torch.Tensor, state: torch.Tensor, T: int) -> torch.Tensor:
+        """Pass 2 for one contiguous chunk of queries: the layer's output for those tokens."""
+        to_q, _, _, to_out = self.projections()
+        return to_out(torch_fast.query_pass(to_q(xc + self.linfusion.to_q_(xc)), state, 1e-4, T))
+
+    def _token_chunked(self, x, ctx, val):
         """The same layer over token chunks: pass 1 sums phi(k)^T v and phi(k) over chunks of the keys, pass 2
         runs each chunk of queries through the sums and ``to_out`` into the output. The attention is the torch
         path's own two passes (attention/torch_fast.py) on chunks that are whole multiples of its chunk, so its
         sums run in the same order as at full size; on CUDA it replaces the Triton kernel (the same math, fp32
         sums)."""
-        lf = self.linfusion
         B, N, C = x.shape
         M = ctx.shape[1]
-        T = torch_fast.chunk_tokens_for(B, C, N, M)
-        L = max(T, self.chunk_elements // max(1, B * C) // T * T)
-        sums = None
-        for s in range(0, M, L):
-            c = ctx[:, s:s + L].contiguous()  # as the full-size rows are: the same GEMM per row, bit for bit
-            sums = torch_fast.key_sums(to_k(c + lf.to_k_(c)), to_v(val[:, s:s + L].contiguous()), self.heads, T,
-                                       sums)
-        state = torch_fast.augmented_state(sums, N, M)
-        del sums
+        T, L = self.chunk_plan(B, N, M, C)
+        # chunks contiguous as the full-size rows are: the same GEMM per row, bit for bit
+        state = self.key_state(((ctx[:, s:s + L].contiguous(), val[:, s:s + L].contiguous())
+                                for s in range(0, M, L)), N, M, T)
         out = None
         for s in range(0, N, L):
-            xc = x[:, s:s + L].contiguous()
-            o = to_out(torch_fast.query_pass(to_q(xc + lf.to_q_(xc)), state, 1e-4, T))
+            o = self.query_chunk(x[:, s:s + L].contiguous(), state, T)
             if out is None:
                 out = o.new_empty(B, N, o.shape[-1])
             out[:, s:s + L] = o

@@ -3,13 +3,21 @@ linfusion_core/lowmem.py). Exact: a step gives the same numbers with and without
 with and without a ControlNet).
 
 What it installs on the patched clone (``install``), for ``low_memory`` "auto" or "on" ("off" installs nothing):
-- An object patch on every ResBlock's ``in_layers`` and ``out_layers``: the same Sequential (same children, so
-  weight names, LoRA keys and casting are untouched) which, while the mode is on for the call, runs its
+- An object patch on every ResBlock: the same block (same children, so weight names, LoRA keys and casting are
+  untouched) whose two sums, while the mode is on for the call, go in place into fresh tensors (the time
+  embedding into ``in_layers``' output, ``out_layers``' output into the skip connection's), and whose
+  ``in_layers`` and ``out_layers`` are Sequentials over the same children which, while the mode is on, run their
   ``GroupNorm -> SiLU -> conv`` by bands of rows (torch's own group statistics first, then each band normalised,
   activated and convolved with its halo: the normalised input never exists at full size; bit for bit the stock
   result on this CPU), or for inputs under two bands the GroupNorm + SiLU in whole-group chunks, and as ComfyUI
   runs it otherwise. Likewise every 2-D ``Upsample`` (a subclass of ComfyUI's, same children): its nearest resize
   and convolution by bands of rows, so the resized input never exists at full size.
+- An object patch on every SpatialTransformer's ``transformer_blocks``: the same list over the same children dict
+  (so the LinFusion layers patched under it land on the same blocks), which while the mode is on yields callers
+  that run each plain transformer block in token chunks (``transformer_block_in_chunks``: the LinFusion layer's
+  sums first, then norms, both attentions, the feed-forward and the residual adds chunk by chunk), so a block
+  holds its input, its output and one chunk. A block with a patch of its own (attn1/attn2 patches, output
+  patches, attention replacements) runs as ComfyUI's.
 - An APPLY_MODEL wrapper that decides per call whether the mode is on ("on": always; "auto": when the patched
   model's estimate says the step would not fit in free memory without it) and, when it is, adds three patches to
   that call's transformer_options: ``input_block_patch`` (last: park the skip in host memory, so the skip list
@@ -42,9 +50,9 @@ log = logging.getLogger("LinFusion")
 KEY = "linfusion_lowmem"
 MODES = ("auto", "on", "off")
 TOOLTIP = ("Low-memory mode for very large images (exact: the same result): the UNet's skip tensors wait in CPU "
-           "memory, ResBlocks, upsamplers and LinFusion layers run in pieces, and cond/uncond run one after the other "
-           "when both do not fit. auto = only when a step would not fit in free GPU memory otherwise; on = always; "
-           "off = never. Costs time when on (the copies to and from the CPU).")
+           "memory, ResBlocks, upsamplers and transformer blocks run in pieces, and cond/uncond run one after the "
+           "other when both do not fit. auto = only when a step would not fit in free GPU memory otherwise; "
+           "on = always; off = never. Costs time when on (the copies to and from the CPU).")
 
 # Where parked skips live on non-CUDA devices: None = plain CPU tensors. The CPU measurement
 # (harness/step_memory.py) sets a pre-allocated pool here, so that parked skips count as host memory, not as the
@@ -170,11 +178,17 @@ def _same_children(cls, module: nn.Module) -> nn.Module:
 
 
 _BANDED_UPSAMPLE = {}
+_BANDED_RESBLOCK = {}
 
 
 def is_banded_upsample(module) -> bool:
     """Whether ``module`` is one of our banded upsamplers (``banded_upsample_class``)."""
     return type(module) in _BANDED_UPSAMPLE.values()
+
+
+def is_banded_resblock(module) -> bool:
+    """Whether ``module`` is one of our ResBlocks (``banded_resblock_class``)."""
+    return type(module) in _BANDED_RESBLOCK.values()
 
 
 def banded_upsample_class(base: type) -> type:
@@ -209,6 +223,187 @@ def upsample_paths(diffusion_model: nn.Module) -> list:
             and getattr(mod, "dims", 2) == 2]
 
 
+# -- ResBlock: its sums in place -------------------------------------------------------------------------------------
+
+def _fresh_conv_output(module: nn.Module) -> bool:
+    """Whether ``module(x)`` returns a tensor nobody else holds: torch's or ComfyUI's 2-D convolution."""
+    return type(module).forward in _CONV_FORWARDS
+
+
+def resblock_in_place(block, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's ``ResBlock._forward`` (no up/down-sampling, no scale-shift norm) with its two sums in place: the
+    time embedding is added into the fresh output of ``in_layers``, and that of ``out_layers`` into the skip
+    connection's fresh output (or the input into it, for an identity skip). The same sums, the same bits (an
+    addition is commutative); a block holds two block-sized tensors at most besides ``x`` where ComfyUI holds
+    three (on a CPU, oneDNN also copies ``x`` into its blocked layout for the 1x1 skip convolution). Only for
+    ``in_layers``/``out_layers`` that are ours (a fresh result) and a skip connection that is an identity or a
+    plain convolution; ``BandedResBlock`` checks."""
+    h = block.in_layers(x)
+    if not block.skip_t_emb:
+        emb_out = block.emb_layers(emb).type(h.dtype)
+        while len(emb_out.shape) < len(h.shape):
+            emb_out = emb_out[..., None]
+        if block.exchange_temb_dims:
+            emb_out = emb_out.movedim(1, 2)
+        if torch.broadcast_shapes(h.shape, emb_out.shape) == h.shape:
+            h.add_(emb_out)  # h + emb_out
+        else:
+            h = h + emb_out
+        del emb_out
+    h = block.out_layers(h)
+    skip = block.skip_connection
+    if isinstance(skip, nn.Identity):
+        if h.shape == x.shape and h.dtype == x.dtype:
+            return h.add_(x)  # x + h
+        return x + h
+    # (not by bands: a 1x1 convolution by bands takes other oneDNN kernels, up to 9e-7 relative through a UNet)
+    y = skip(x)
+    if y.shape == h.shape and y.dtype == h.dtype:
+        return y.add_(h)  # skip(x) + h
+    return y + h
+
+
+def banded_resblock_class(base: type) -> type:
+    """A subclass of ComfyUI's ``ResBlock`` whose ``_forward``, while the low-memory mode is on and autograd is off,
+    is ``resblock_in_place``; otherwise, or for a block that up- or down-samples, uses the scale-shift norm, or
+    has children another pack replaced, exactly the base's."""
+    if base not in _BANDED_RESBLOCK:
+        class BandedResBlock(base):
+            def _forward(self, x, emb, *args, **kwargs):
+                if (lowmem.is_enabled() and not args and not kwargs and not self.updown
+                        and not self.use_scale_shift_norm and not torch.is_grad_enabled() and x.dim() == 4
+                        and type(self.in_layers) is NormActSequential and type(self.out_layers) is NormActSequential
+                        and (isinstance(self.skip_connection, nn.Identity)
+                             or _fresh_conv_output(self.skip_connection))):
+                    _run_every_op()
+                    return resblock_in_place(self, x, emb)
+                return super()._forward(x, emb, *args, **kwargs)
+
+        BandedResBlock.__name__ = BandedResBlock.__qualname__ = "Banded" + base.__name__
+        _BANDED_RESBLOCK[base] = BandedResBlock
+    return _BANDED_RESBLOCK[base]
+
+
+def _banded_resblock(block: nn.Module) -> nn.Module:
+    """Our ResBlock over ``block``'s children, with NormActSequentials over its in and out layers."""
+    new = _same_children(banded_resblock_class(_resblock_class()), block)
+    for part in ("in_layers", "out_layers"):
+        new._modules[part] = NormActSequential(OrderedDict(block._modules[part]._modules))
+    return new
+
+
+def _resblock_class():
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    return ResBlock
+
+
+# -- transformer blocks in token chunks -----------------------------------------------------------------------------
+
+# the patches a BasicTransformerBlock runs inside itself: with any of them the block runs as ComfyUI's
+_BLOCK_PATCHES = ("attn1_patch", "attn1_output_patch", "middle_patch", "attn2_patch", "attn2_output_patch")
+
+
+def _block_class():
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    return BasicTransformerBlock
+
+
+def chunkable_block(block, x: torch.Tensor, transformer_options: dict) -> bool:
+    """Whether the low-memory mode can run ``block`` (ComfyUI's BasicTransformerBlock over ``x``) in token chunks:
+    a plain block (no ``ff_in``, self-attention attn1 that is our LinFusion layer running linear at this size, a
+    cross-attention attn2, a residual feed-forward), no patch that runs inside a block, no attention replacement,
+    autograd off, and more than two chunks of tokens."""
+    from ..linfusion_core.layer import LinFusionAttention, runs_softmax
+    attn1 = getattr(block, "attn1", None)
+    if (type(block) is not _block_class() or not isinstance(attn1, LinFusionAttention) or block.ff_in
+            or block.disable_self_attn or block.switch_temporal_ca_to_sa or block.attn2 is None
+            or not block.is_res or x.dim() != 3 or torch.is_grad_enabled()
+            or runs_softmax(x.shape[1], attn1.softmax_below_tokens)
+            or x.numel() <= 2 * attn1.chunk_elements):
+        return False
+    patches = transformer_options.get("patches", {}) or {}
+    replace = transformer_options.get("patches_replace", {}) or {}
+    return not any(patches.get(k) for k in _BLOCK_PATCHES) and not replace.get("attn1") and not replace.get("attn2")
+
+
+def transformer_block_in_chunks(block, x: torch.Tensor, context, transformer_options: dict) -> torch.Tensor:
+    """ComfyUI's ``BasicTransformerBlock.forward`` (for blocks ``chunkable_block`` accepts) over chunks of tokens.
+    Every part but attn1's sums works token by token: pass 1 runs ``norm1`` chunk by chunk into the LinFusion
+    layer's key sums; pass 2 runs each chunk through ``norm1``, attn1 from those sums, its residual add,
+    ``norm2``, the cross-attention against the text, its residual add, ``norm3``, the feed-forward and its
+    residual add, into the output. The block holds its input, its output and one chunk's temporaries, where
+    ComfyUI holds about five tensors of the input's size; ``x`` is never written."""
+    attn1 = block.attn1
+    B, N, C = x.shape
+    T, L = attn1.chunk_plan(B, N, N, C)
+
+    def normed(s):
+        n = block.norm1(x[:, s:s + L].contiguous())
+        return n, n
+    state = attn1.key_state((normed(s) for s in range(0, N, L)), N, N, T)
+    out = None
+    for s in range(0, N, L):
+        xc = x[:, s:s + L].contiguous()
+        n = attn1.query_chunk(block.norm1(xc), state, T)
+        xc = n + xc
+        n = block.attn2(block.norm2(xc), context=context, value=None, transformer_options=transformer_options)
+        xc = n + xc
+        del n
+        xc = xc + block.ff(block.norm3(xc))
+        if out is None:
+            out = xc.new_empty(B, N, xc.shape[-1])
+        out[:, s:s + L] = xc
+        del xc
+    return out
+
+
+class _ChunkedBlockCall:
+    """What a SpatialTransformer iterating our block list calls in place of a block: the block in token chunks
+    when ``chunkable_block`` allows, otherwise the block itself. Attributes read through to the block."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block):
+        self.block = block
+
+    def __call__(self, x, context=None, transformer_options={}, *args, **kwargs):
+        if not args and not kwargs and chunkable_block(self.block, x, transformer_options):
+            _run_every_op()
+            return transformer_block_in_chunks(self.block, x, context, transformer_options)
+        return self.block(x, *args, context=context, transformer_options=transformer_options, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.block, name)
+
+
+class ChunkedBlockList(nn.ModuleList):
+    """A SpatialTransformer's ``transformer_blocks``, the same list (the same children dict: the blocks, and any
+    object patch under them, whichever is applied first). ComfyUI's SpatialTransformer runs its blocks by
+    iterating this list: while the low-memory mode is on and autograd is off, iterating yields callers that run
+    each block in token chunks where it can (``transformer_block_in_chunks``); otherwise the blocks themselves."""
+
+    def __iter__(self):
+        blocks = super().__iter__()
+        if lowmem.is_enabled() and not torch.is_grad_enabled():
+            return (_ChunkedBlockCall(b) for b in blocks)
+        return blocks
+
+
+def _shared_block_list(blocks: nn.ModuleList) -> ChunkedBlockList:
+    new = ChunkedBlockList.__new__(ChunkedBlockList)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in blocks.__dict__.items() if not k.startswith("_")})
+    new._modules = blocks._modules  # shared: an object patch under it lands in the same dict either way
+    return new
+
+
+def transformer_block_lists(diffusion_model: nn.Module) -> list:
+    """Paths (under diffusion_model) of the ``transformer_blocks`` lists of ComfyUI's own SpatialTransformers."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    return [f"{name}.transformer_blocks" for name, mod in diffusion_model.named_modules()
+            if type(mod) is SpatialTransformer and isinstance(getattr(mod, "transformer_blocks", None), nn.ModuleList)]
+
+
 def resblock_paths(diffusion_model: nn.Module) -> list:
     """Paths (under diffusion_model) of the ``in_layers`` / ``out_layers`` of every ResBlock."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
@@ -223,15 +418,36 @@ def resblock_paths(diffusion_model: nn.Module) -> list:
 
 
 def patch_resblocks(model_patcher) -> int:
-    """Object patches putting a NormActSequential over each ResBlock's in/out layers and a banded upsampler over
-    each Upsample. Returns how many."""
+    """Object patches: our ResBlock (``banded_resblock_class``, its in/out layers NormActSequentials) over each of
+    ComfyUI's own ResBlocks; a NormActSequential over the in/out layers of any other ResBlock (a subclass, or one
+    another pack put in place); a banded upsampler over each Upsample. One patch per ResBlock, never one on a
+    ResBlock and one on its child: ComfyUI restores object patches one by one, and a child restored after its
+    parent would land on the original module. Returns how many patches."""
     dm = model_patcher.get_model_object("diffusion_model")
+    ResBlock = _resblock_class()
     n = 0
+    whole = set()
+    for name, mod in dm.named_modules():
+        if type(mod) is ResBlock or is_banded_resblock(mod):
+            key = f"diffusion_model.{name}"
+            block = model_patcher.get_model_object(key)  # another pack's object patch may stand here: leave it be
+            if type(block) is ResBlock or is_banded_resblock(block):
+                model_patcher.add_object_patch(key, _banded_resblock(block))
+                whole.add(name)
+                n += 1
     for path in resblock_paths(dm):
+        if path.rsplit(".", 1)[0] in whole:
+            continue
         key = f"diffusion_model.{path}"
         seq = model_patcher.get_model_object(key)
         model_patcher.add_object_patch(key, NormActSequential(OrderedDict(seq._modules)))
         n += 1
+    for path in transformer_block_lists(dm):
+        key = f"diffusion_model.{path}"
+        blocks = model_patcher.get_model_object(key)
+        if type(blocks) in (nn.ModuleList, ChunkedBlockList):
+            model_patcher.add_object_patch(key, _shared_block_list(blocks))
+            n += 1
     from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
     for path in upsample_paths(dm):
         key = f"diffusion_model.{path}"
@@ -243,7 +459,7 @@ def patch_resblocks(model_patcher) -> int:
 
 
 def _on_multigpu_clone(src, clone):
-    """ComfyUI 0.33+ multi-GPU copies: our Sequentials hold the first copy's layers; rebuild them over the copy's."""
+    """ComfyUI 0.33+ multi-GPU copies: our modules hold the first copy's layers; rebuild them over the copy's."""
     import comfy.utils
     for key, obj in src.object_patches.items():
         if isinstance(obj, NormActSequential):
@@ -252,6 +468,10 @@ def _on_multigpu_clone(src, clone):
         elif is_banded_upsample(obj):
             here = comfy.utils.get_attr(clone.model, key)
             clone.add_object_patch(key, _same_children(type(obj), here))
+        elif is_banded_resblock(obj):
+            clone.add_object_patch(key, _banded_resblock(comfy.utils.get_attr(clone.model, key)))
+        elif isinstance(obj, ChunkedBlockList):
+            clone.add_object_patch(key, _shared_block_list(comfy.utils.get_attr(clone.model, key)))
 
 
 # -- the per-call switch and the skip tensors ------------------------------------------------------------------------

@@ -312,11 +312,13 @@ def _patched_weights(unet, dtype) -> dict:
 
 def _scrub(skeleton) -> None:
     """The workers' copy runs plain ComfyUI module classes: the low-memory mode's Sequentials become plain ones
-    and upsamplers become ComfyUI's (it stays off in a parallel step, and its classes live with the nodes)."""
+    block lists plain ModuleLists, and ResBlocks and upsamplers ComfyUI's (it stays off in a parallel step, and its classes live with the nodes)."""
     for m in skeleton.modules():
         if isinstance(m, lowmem.NormActSequential):
             m.__class__ = torch.nn.Sequential
-        elif lowmem.is_banded_upsample(m):  # back to ComfyUI's Upsample
+        elif isinstance(m, lowmem.ChunkedBlockList):
+            m.__class__ = torch.nn.ModuleList
+        elif lowmem.is_banded_upsample(m) or lowmem.is_banded_resblock(m):  # back to ComfyUI's class
             m.__class__ = type(m).__bases__[0]
 
 

@@ -44,8 +44,9 @@ def small_chunks(pack, NL, monkeypatch):
 @pytest.fixture
 def counts(pack, L, NL, monkeypatch):
     """How often the mode's pieces ran: skips parked, skips brought back, chunked GroupNorm+SiLU passes,
-    LinFusion layers in token chunks, convolutions by bands of rows (ResBlocks' norm-SiLU-conv, upsamplers)."""
-    c = {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0, "banded": 0}
+    LinFusion layers in token chunks, convolutions by bands of rows (ResBlocks' norm-SiLU-conv, upsamplers), ResBlocks
+    with their sums in place, transformer blocks in token chunks."""
+    c = {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0, "banded": 0, "resblock": 0, "chunked_block": 0}
     park, fetch, gns = L.SkipParking.park, L.SkipParking.fetch, L.group_norm_silu
     attn = pack.linfusion_core.layer.LinFusionAttention
 
@@ -59,6 +60,8 @@ def counts(pack, L, NL, monkeypatch):
     monkeypatch.setattr(L, "group_norm_silu", spy("chunked_gn", gns))
     monkeypatch.setattr(attn, "_token_chunked", spy("chunked_attn", attn._token_chunked))
     monkeypatch.setattr(L, "conv2d_in_bands", spy("banded", L.conv2d_in_bands))
+    monkeypatch.setattr(NL, "resblock_in_place", spy("resblock", NL.resblock_in_place))
+    monkeypatch.setattr(NL, "transformer_block_in_chunks", spy("chunked_block", NL.transformer_block_in_chunks))
     return c
 
 
@@ -261,11 +264,23 @@ def test_off_installs_nothing_and_input_model_untouched(pack, sd15, NL):
     unet = sd15["unet"]
     off = _apply(pack, unet, sd15["ck"], "off")
     on = _apply(pack, unet, sd15["ck"], "on")
-    assert not any(isinstance(v, NL.NormActSequential) for v in off.object_patches.values())
-    assert not off.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
-    seqs = {k: v for k, v in on.object_patches.items() if isinstance(v, NL.NormActSequential)}
-    assert len(seqs) == 2 * 22  # SD-1.5: 22 ResBlocks (8 input side, 2 middle, 12 output side), in and out layers each
     import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+    assert not any(isinstance(v, (NL.NormActSequential, oai.ResBlock)) for v in off.object_patches.values())
+    assert not off.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
+    blocks = {k: v for k, v in on.object_patches.items() if isinstance(v, oai.ResBlock)}
+    assert len(blocks) == 22  # SD-1.5: 22 ResBlocks (8 input side, 2 middle, 12 output side)
+    # one patch per ResBlock, none on their children (ComfyUI restores patches one by one: a child restored after
+    # its parent would land on the original block)
+    assert not any(k.startswith(tuple(b + "." for b in blocks)) for k in on.object_patches)
+    for k, b in blocks.items():  # ComfyUI's ResBlock over the same children, its in/out layers ours
+        orig = unet.get_model_object(k)
+        assert type(orig) is oai.ResBlock and type(b) is not oai.ResBlock
+        # same children under the same names: weight keys and LoRA keys resolve to the same modules
+        assert b.emb_layers is orig.emb_layers and b.skip_connection is orig.skip_connection
+        for part in ("in_layers", "out_layers"):
+            seq = getattr(b, part)
+            assert type(seq) is NL.NormActSequential and list(seq._modules) == list(getattr(orig, part)._modules)
+            assert all(m is o for m, o in zip(seq, getattr(orig, part)))
     ups = {k: v for k, v in on.object_patches.items() if isinstance(v, oai.Upsample)}
     assert sorted(ups) == [f"diffusion_model.output_blocks.{i}.{j}" for i, j in ((2, 1), (5, 2), (8, 2))]
     for k, up in ups.items():  # ComfyUI's Upsample, over the same convolution
@@ -290,10 +305,19 @@ def test_off_installs_nothing_and_input_model_untouched(pack, sd15, NL):
     finally:
         mm.unload_all_models()
     assert on.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
-    # same children under the same names: weight keys and LoRA keys resolve to the same modules
-    key = "diffusion_model.input_blocks.1.0.in_layers"
-    assert seqs[key][0] is unet.get_model_object(key)[0] and list(seqs[key]._modules) == ["0", "1", "2"]
+    # every SpatialTransformer's block list: ours over the same children dict, so that the LinFusion patches under
+    # it land on the same blocks whichever is applied first
+    lists = {k: v for k, v in on.object_patches.items() if isinstance(v, NL.ChunkedBlockList)}
+    assert len(lists) == 16 and all(k.endswith(".transformer_blocks") for k in lists)
+    for k, v in lists.items():
+        assert v._modules is unet.get_model_object(k)._modules
+    assert any(k.startswith(tuple(lists)) for k in on.object_patches)  # the attn1 patches under them
     assert unet.object_patches == {} and not unet.get_wrappers(pe.WrappersMP.APPLY_MODEL, NL.KEY)
+    # the copy was loaded (patched) and unloaded above: the shared tree is ComfyUI's again
+    dm = unet.model.diffusion_model
+    assert type(dm.input_blocks[1][1].transformer_blocks) is torch.nn.ModuleList
+    assert type(dm.input_blocks[1][1].transformer_blocks[0].attn1).__name__ == "CrossAttention"
+    assert type(unet.model.diffusion_model.input_blocks[1][0]) is oai.ResBlock
     assert type(unet.model.diffusion_model.input_blocks[1][0].in_layers) is torch.nn.Sequential
 
 
@@ -303,11 +327,13 @@ def test_sd15_unet_exact(pack, sd15, counts, small_chunks):
     token chunks."""
     x, c = _sd15_inputs()
     off = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, c_crossattn=c)
-    assert counts == {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0, "banded": 0}
+    assert set(counts.values()) == {0}
     on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
     assert counts["park"] == counts["fetch"] == 12
     assert counts["banded"] == 2 * 22 + 3  # every ResBlock's two norm-SiLU-convs, the three upsamplers
-    assert counts["chunked_attn"] == 16  # SD-1.5's 16 attn1 layers
+    assert counts["resblock"] == 22  # every ResBlock's sums in place
+    # SD-1.5's 16 transformer blocks in token chunks (their LinFusion layers' two passes inside)
+    assert counts["chunked_block"] == 16 and counts["chunked_attn"] == 0
     print(f"SD-1.5 UNet, mode on vs off: {rel(on, off):.2e} relative")
     assert rel(on, off) <= 1e-6, rel(on, off)
     assert not torch.equal(on, torch.zeros_like(on))
@@ -319,6 +345,44 @@ def test_sd15_unet_exact(pack, sd15, counts, small_chunks):
         mp.setattr(pack.linfusion_core.layer.LinFusionAttention, "chunk_elements", 1 << 30)
         whole = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
     assert counts["park"] == 12 and torch.equal(whole, off)
+
+
+def test_transformer_blocks_with_patches_run_as_comfyui(pack, sd15, counts, small_chunks):
+    """A patch that runs inside a transformer block (here an attn2_patch and an attn1 output patch, as other node
+    packs install) or an attention replacement: those blocks run as ComfyUI's, with the patches, and the mode is
+    still exact against off."""
+    x, c = _sd15_inputs(4, 16, 24)
+    seen = []
+
+    def attn2_patch(n, context, value, extra):
+        seen.append(extra["block"])
+        return n * 1.25, context, value
+
+    def out_patch(n, extra):
+        return n * 0.5
+    runs = {}
+    for mode in ("off", "on"):
+        m = _apply(pack, sd15["unet"], sd15["ck"], mode)
+        m.set_model_attn2_patch(attn2_patch)
+        m.set_model_attn1_output_patch(out_patch)
+        runs[mode] = _run(m, x, c_crossattn=c)
+    assert len(seen) == 2 * 16  # every block ran its patch, in both modes
+    assert counts["chunked_block"] == 0 and counts["park"] == 12 and counts["chunked_attn"] == 16
+    assert rel(runs["on"], runs["off"]) <= 1e-6
+    plain = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, c_crossattn=c)
+    assert rel(runs["off"], plain) > 1e-3  # the patches did something
+    # an attention replacement for one block
+
+    def replace(q, k, v, extra):
+        import comfy.ldm.modules.attention as attention
+        return attention.optimized_attention(q, k, v, extra["n_heads"])
+    counts["chunked_block"] = 0
+    for mode in ("off", "on"):
+        m = _apply(pack, sd15["unet"], sd15["ck"], mode)
+        m.set_model_attn2_replace(replace, "input", 1)
+        runs[mode] = _run(m, x, c_crossattn=c)
+    assert counts["chunked_block"] == 0  # any replacement present: every block as ComfyUI's (simple and safe)
+    assert rel(runs["on"], runs["off"]) <= 1e-6
 
 
 def _controlnet_residuals(net, x, cond, seed=3):
@@ -374,7 +438,7 @@ def test_sd15_unet_exact_with_controlnet(pack, sd15, counts, small_chunks, monke
         on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, control=_fresh(control), c_crossattn=c)
     assert "control could not be applied" not in caplog.text
     assert counts["park"] == 12 and len(seen) == 12 and all(seen)  # ComfyUI got Nones; the patch added them
-    assert counts["banded"] == 2 * 22 + 3
+    assert counts["banded"] == 2 * 22 + 3 and counts["resblock"] == 22
     print(f"SD-1.5 UNet + ControlNet, mode on vs off: {rel(on, off):.2e} relative")
     assert rel(on, off) <= 1e-6, rel(on, off)
     del net
@@ -396,8 +460,9 @@ def test_sdxl_unet_exact(pack, comfy_inproc, counts, small_chunks, tmp_path_fact
         off = _run(_apply(pack, unet, ck, "off"), x, **cond)
         on = _run(_apply(pack, unet, ck, "on"), x, **cond)
         assert counts["park"] == counts["fetch"] == 9
-        assert counts["chunked_attn"] == 70  # SD-XL's 70 attn1 layers
+        assert counts["chunked_block"] == 70 and counts["chunked_attn"] == 0  # SD-XL's 70 transformer blocks
         assert counts["banded"] == 2 * 17 + 2  # SD-XL: 17 ResBlocks (6 in, 2 middle, 9 out), 2 upsamplers
+        assert counts["resblock"] == 17
         print(f"SD-XL UNet, mode on vs off: {rel(on, off):.2e} relative")
         assert rel(on, off) <= 1e-6, rel(on, off)
         net = comfy.controlnet.load_controlnet(str(controlnet_fixtures.ensure_controlnet("sdxl-small", "diffusers")))
