@@ -254,7 +254,14 @@ def main(argv=None):
                          "the counterpart of CUDA's max_memory_allocated, without the pages RSS counts that no "
                          "tensor holds); runs the step under the profiler, so its time reads high. With "
                          "--block-peaks, the probe reports these peaks")
+    ap.add_argument("--no-mkldnn", action="store_true",
+                    help="run torch's own CPU convolutions instead of oneDNN's (torch.backends.mkldnn.enabled = "
+                         "False): no blocked copies of whole inputs for 1x1 convolutions (which a GPU's NCHW "
+                         "kernels do not make either), but im2col buffers of 9x the input for 3x3 ones")
     a = ap.parse_args(argv)
+    if a.no_mkldnn:
+        import torch
+        torch.backends.mkldnn.enabled = False
     sizes = [[int(v) for v in s.lower().split("x")] for s in a.sizes]
     print(json.dumps(measure(a.family, a.config, sizes, a.batch, a.threshold, a.check_sampling, a.low_memory,
                              a.ff_chunk_elements, a.attn_chunk_elements, a.block_peaks,
