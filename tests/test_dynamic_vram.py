@@ -117,3 +117,68 @@ def test_multigpu_clone_runs_linfusion_on_its_own_copy(dyn):
         assert id(base) in own_modules, key  # built over the copy's layer, not the original's
     assert torch.equal(run(clone, x, c), ref)
     mm.unload_all_models()
+
+
+def run_sampling(m, x, c):
+    """``run`` with the patcher's wrappers merged into transformer_options, as ComfyUI's sampler hands them on (the
+    low-memory mode is an APPLY_MODEL wrapper)."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+    mm.load_models_gpu([m])
+    to = dict(m.model_options.get("transformer_options", {}))
+    to["wrappers"] = {}
+    pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
+    with torch.no_grad():
+        return m.model.apply_model(x, SIGMA, c_crossattn=c, transformer_options=to).float()
+
+
+def test_low_memory_mode_under_dynamic_vram(dyn, monkeypatch):
+    """The low-memory mode's object patches (ResBlocks, upsamplers, transformer block lists) under DynamicVRAM: the
+    mode on equals it off bit for bit with every piece small enough to run in pieces, the plain model gives its
+    own output again afterwards and holds ComfyUI's modules, and a multi-GPU copy gets the mode's modules over
+    its own layers and the same output."""
+    import comfy.model_management as mm
+    import comfy.utils
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    pack = dyn["pack"]
+    NL = pack.nodes.lowmem
+    small = 1 << 12
+    monkeypatch.setattr(NL, "BAND_ELEMENTS", small)
+    monkeypatch.setattr(NL.NormActSequential, "chunk_elements", small)
+    monkeypatch.setattr(pack.linfusion_core.layer.LinFusionAttention, "chunk_elements", small)
+    calls = []
+    chunked = NL.transformer_block_in_chunks
+
+    def counted(*a, **k):
+        calls.append(1)
+        return chunked(*a, **k)
+    monkeypatch.setattr(NL, "transformer_block_in_chunks", counted)
+    plain = dyn["plain"]
+    x, c = _inputs(2, hw=24)  # the smallest level 3x3: every block above two chunks
+    before = run(plain, x, c)
+    outs = {mode: run_sampling(pack.nodes.patching.apply_linfusion(plain, dyn["ckpt"], 0, mode), x, c)
+            for mode in ("off", "on")}
+    assert len(calls) == 16 and torch.equal(outs["on"], outs["off"])
+    mm.unload_all_models()
+    assert torch.equal(run(plain, x, c), before)
+    dm = plain.model.diffusion_model
+    assert type(dm.input_blocks[1][0]) is ResBlock
+    assert type(dm.input_blocks[1][1].transformer_blocks) is torch.nn.ModuleList
+    mm.unload_all_models()
+
+    def mode_patches(p):
+        return {k: v for k, v in p.object_patches.items()
+                if NL.is_banded_resblock(v) or NL.is_banded_upsample(v) or isinstance(v, NL.ChunkedBlockList)}
+    on = pack.nodes.patching.apply_linfusion(plain, dyn["ckpt"], 0, "on")
+    clone = on.deepclone_multigpu(new_load_device=torch.device("cpu"))
+    ours = mode_patches(clone)
+    assert len(ours) == len(mode_patches(on)) == 22 + 3 + 16
+    params = {id(p) for p in clone.model.parameters()}
+    for key, obj in ours.items():
+        if isinstance(obj, NL.ChunkedBlockList):
+            assert obj._modules is comfy.utils.get_attr(clone.model, key)._modules, key
+        else:
+            assert all(id(p) in params for p in obj.parameters()), key  # the copy's weights
+    calls.clear()
+    assert torch.equal(run_sampling(clone, x, c), outs["on"]) and len(calls) == 16
+    mm.unload_all_models()
