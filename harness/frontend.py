@@ -289,6 +289,11 @@ class Frontend:
             if state["open_dialogs"]:
                 closed += state["open_dialogs"]
                 self.page.keyboard.press("Escape")
+                # dialogs that Escape leaves open (frontend 1.32.9's template browser): their close button
+                self.page.evaluate("""() => document.querySelectorAll('.p-dialog').forEach(d => {
+                  const b = d.querySelector('.p-dialog-close-button, .p-dialog-header-close, button[aria-label=Close]')
+                    || [...d.querySelectorAll('button')].find(x => x.querySelector('.pi-times'));
+                  if (b) b.click(); })""")
         return closed
 
     def drop(self, workflow: dict | str, name: str = "workflow.json", settle_ms: int = 2500) -> dict:
