@@ -37,7 +37,6 @@ def main(argv=None):
     from comfy.cli_args import args
     args.cpu = True
     import comfy.model_management as mm
-    import comfy.patcher_extension as pe
     import torch
 
     pack = import_pack()
@@ -58,9 +57,7 @@ def main(argv=None):
 
     def step(m) -> float:
         mm.load_models_gpu([m])
-        options = dict(m.model_options.get("transformer_options", {}))
-        options["wrappers"] = {}
-        pe.merge_nested_dicts(options["wrappers"], m.wrappers, copy_dict1=False)
+        options = fixtures.sampling_options(m)
         t0 = time.perf_counter()
         with torch.inference_mode():
             m.model.apply_model(x, torch.tensor([1.5]), transformer_options=options, **kw)

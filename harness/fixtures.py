@@ -139,3 +139,14 @@ def build(name: str, out: Path) -> None:
 
 if __name__ == "__main__":
     build(sys.argv[1], Path(sys.argv[2]))
+
+
+def sampling_options(m) -> dict:
+    """``transformer_options`` for ``m.model.apply_model`` as ComfyUI's sampler hands them on: the patcher's own,
+    with its wrappers merged in (comfy/sampler_helpers.py prepare_model_patcher); the low-memory mode is an
+    APPLY_MODEL wrapper, so a direct call without them runs without it."""
+    import comfy.patcher_extension as pe
+    to = dict(m.model_options.get("transformer_options", {}))
+    to["wrappers"] = {}
+    pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
+    return to

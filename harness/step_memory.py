@@ -142,10 +142,7 @@ def measure(family: str, config: str, sizes: list, batch: int = 1, threshold: in
         if band_elements:  # the mode's convolutions by bands of rows, from smaller inputs and in smaller bands
             pack.nodes.lowmem.BAND_ELEMENTS = int(band_elements)
     mm.load_models_gpu([m])
-    import comfy.patcher_extension as pe
-    options = dict(m.model_options.get("transformer_options", {}))
-    options["wrappers"] = {}
-    pe.merge_nested_dicts(options["wrappers"], m.wrappers, copy_dict1=False)
+    options = fixtures.sampling_options(m)
     unet_cfg = m.model.model_config.unet_config
     ctx_dim, adm_dim = CONTEXT[family]
     gen = torch.Generator().manual_seed(0)

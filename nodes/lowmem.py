@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..linfusion_core import lowmem
+from ..linfusion_core.layer import LinFusionAttention, runs_softmax
 from .comfy_ops import weight_and_bias
 
 log = logging.getLogger("LinFusion")
@@ -138,7 +139,7 @@ def _bandable_input(x: torch.Tensor, band_elements: int) -> bool:
 def banded_conv(conv: nn.Module):
     """``conv`` when the low-memory mode can run it by bands of rows (a plain 2-D convolution, stride 1, zero
     'same' padding, ComfyUI's or torch's forward), else None."""
-    if type(conv).forward not in _CONV_FORWARDS:
+    if not _fresh_conv_output(conv):
         return None
     k, p = conv.kernel_size, conv.padding
     if (isinstance(p, str) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
@@ -164,15 +165,18 @@ _CONV_FORWARDS = _conv_forwards()
 
 # -- Upsample: nearest resize + conv ----------------------------------------------------------------------------------
 
-def _same_children(cls, module: nn.Module) -> nn.Module:
+def _same_children(cls, module: nn.Module, share: bool = False) -> nn.Module:
     """An instance of ``cls`` (a subclass of ``type(module)``) over ``module``'s children, parameters, buffers and
-    plain attributes, without running ``__init__``: the same weights under the same names."""
+    plain attributes, without running ``__init__``: the same weights under the same names. ``share``: the very
+    same children dict, so that an object patch under it lands in both, whichever is applied first."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     for k, v in module.__dict__.items():
         if not k.startswith("_"):
             new.__dict__[k] = v
-    for table in ("_modules", "_parameters", "_buffers"):
+    if share:
+        new._modules = module._modules
+    for table in ("_parameters", "_buffers") if share else ("_modules", "_parameters", "_buffers"):
         getattr(new, table).update(getattr(module, table))
     return new
 
@@ -313,7 +317,6 @@ def chunkable_block(block, x: torch.Tensor, transformer_options: dict) -> bool:
     a plain block (no ``ff_in``, self-attention attn1 that is our LinFusion layer running linear at this size, a
     cross-attention attn2, a residual feed-forward), no patch that runs inside a block, no attention replacement,
     autograd off, and more than two chunks of tokens."""
-    from ..linfusion_core.layer import LinFusionAttention, runs_softmax
     attn1 = getattr(block, "attn1", None)
     if (type(block) is not _block_class() or not isinstance(attn1, LinFusionAttention) or block.ff_in
             or block.disable_self_attn or block.switch_temporal_ca_to_sa or block.attn2 is None
@@ -389,14 +392,6 @@ class ChunkedBlockList(nn.ModuleList):
         return blocks
 
 
-def _shared_block_list(blocks: nn.ModuleList) -> ChunkedBlockList:
-    new = ChunkedBlockList.__new__(ChunkedBlockList)
-    nn.Module.__init__(new)
-    new.__dict__.update({k: v for k, v in blocks.__dict__.items() if not k.startswith("_")})
-    new._modules = blocks._modules  # shared: an object patch under it lands in the same dict either way
-    return new
-
-
 def transformer_block_lists(diffusion_model: nn.Module) -> list:
     """Paths (under diffusion_model) of the ``transformer_blocks`` lists of ComfyUI's own SpatialTransformers."""
     from comfy.ldm.modules.attention import SpatialTransformer
@@ -446,7 +441,7 @@ def patch_resblocks(model_patcher) -> int:
         key = f"diffusion_model.{path}"
         blocks = model_patcher.get_model_object(key)
         if type(blocks) in (nn.ModuleList, ChunkedBlockList):
-            model_patcher.add_object_patch(key, _shared_block_list(blocks))
+            model_patcher.add_object_patch(key, _same_children(ChunkedBlockList, blocks, share=True))
             n += 1
     from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
     for path in upsample_paths(dm):
@@ -471,7 +466,7 @@ def _on_multigpu_clone(src, clone):
         elif is_banded_resblock(obj):
             clone.add_object_patch(key, _banded_resblock(comfy.utils.get_attr(clone.model, key)))
         elif isinstance(obj, ChunkedBlockList):
-            clone.add_object_patch(key, _shared_block_list(comfy.utils.get_attr(clone.model, key)))
+            clone.add_object_patch(key, _same_children(ChunkedBlockList, comfy.utils.get_attr(clone.model, key), share=True))
 
 
 # -- the per-call switch and the skip tensors ------------------------------------------------------------------------

@@ -123,12 +123,9 @@ def run_sampling(m, x, c):
     """``run`` with the patcher's wrappers merged into transformer_options, as ComfyUI's sampler hands them on (the
     low-memory mode is an APPLY_MODEL wrapper)."""
     import comfy.model_management as mm
-    import comfy.patcher_extension as pe
     mm.load_models_gpu([m])
-    to = dict(m.model_options.get("transformer_options", {}))
-    to["wrappers"] = {}
-    pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
     with torch.no_grad():
+        to = fixtures.sampling_options(m)
         return m.model.apply_model(x, SIGMA, c_crossattn=c, transformer_options=to).float()
 
 

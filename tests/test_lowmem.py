@@ -244,14 +244,7 @@ def _run(m, x, t=SIGMA, control=None, **cond):
         return m.model.apply_model(x, t, control=control, transformer_options=sampling_options(m), **cond).float()
 
 
-def sampling_options(m) -> dict:
-    """transformer_options as ComfyUI's sampler hands them to apply_model: the patcher's wrappers merged in
-    (comfy/sampler_helpers.py prepare_model_patcher)."""
-    import comfy.patcher_extension as pe
-    to = dict(m.model_options.get("transformer_options", {}))
-    to["wrappers"] = {}
-    pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
-    return to
+sampling_options = fixtures.sampling_options  # as ComfyUI's sampler hands transformer_options on
 
 
 def _sd15_inputs(seed=0, h=24, w=40):
