@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 CHUNK_ELEMENTS = 1 << 22  # elements of one chunk of the GroupNorm input (16 MB in fp32; temporaries ~3x that)
 
@@ -271,6 +273,76 @@ def group_norm_silu_f64(x, num_groups, weight, bias, eps=1e-5) -> torch.Tensor:
     if bias is not None:
         y = y + bias.double().reshape(shape)
     return y * torch.sigmoid(y)
+
+
+# -- the decoder's concatenation, made where it is read ------------------------------------------------------------
+
+_LOG_ONCE = set()
+
+
+class PendingConcat(torch.Tensor):
+    """Stands for ``torch.cat([a, b], 1)`` without making it: a tensor with the concatenation's shape, dtype and
+    device and no storage of its own, holding the two parts. A UNet's decoder concatenates each skip to its input
+    and keeps the result alive through the whole output block, although only the block's first layer (a ResBlock)
+    reads it; with this in its place, the ResBlock makes the concatenation itself (``take``) and releases it as
+    soon as it has read it, and what the decoder keeps is this empty stand-in.
+
+    ``torch.cat([pending, empty], 1)`` (a second part with no channels) gives a new stand-in for the same parts:
+    that is how it passes through a ``th.cat`` it cannot avoid. Any other operation on it gets the full
+    concatenation, made for that operation (the same numbers, only the memory is not saved; logged once). After
+    ``take`` it is spent: reading it again is an error, never a wrong number."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, a: torch.Tensor, b: torch.Tensor):
+        shape = (a.shape[0], a.shape[1] + b.shape[1]) + tuple(a.shape[2:])
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=a.dtype, device=a.device, requires_grad=False)
+        t.parts = (a, b)
+        return t
+
+    @staticmethod
+    def can_stand_for(a, b) -> bool:
+        """Whether ``torch.cat([a, b], 1)`` may be deferred: two plain tensors of one dtype and device, alike but
+        for their channels, neither needing gradients."""
+        return (type(a) is torch.Tensor and type(b) is torch.Tensor and a.dim() >= 2 and a.dim() == b.dim()
+                and a.dtype == b.dtype and a.device == b.device and a.shape[0] == b.shape[0]
+                and a.shape[2:] == b.shape[2:] and not (a.requires_grad or b.requires_grad))
+
+    def take(self) -> torch.Tensor:
+        """The concatenation, made now; the stand-in gives up its parts, so the caller holds the only reference."""
+        parts, self.parts = self._parts(), None
+        return torch.cat(parts, 1)
+
+    def _parts(self):
+        if self.parts is None:
+            raise RuntimeError("LinFusion low-memory mode: the decoder's concatenation of a skip was read again after "
+                               "the ResBlock that consumed it had released it")
+        return self.parts
+
+    def __repr__(self):
+        return f"PendingConcat(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.cat.default:
+            ts = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if (len(ts) == 2 and type(ts[0]) is cls and type(ts[1]) is not cls and ts[1].dim() == ts[0].dim()
+                    and ts[1].shape[1] == 0 and dim % ts[0].dim() == 1):
+                new = cls(*ts[0]._parts())
+                ts[0].parts = None
+                return new
+        if func not in _LOG_ONCE:
+            _LOG_ONCE.add(func)
+            logging.getLogger("LinFusion").info(
+                "LinFusion low-memory mode: %s read a skip concatenation before its ResBlock did; it is made in "
+                "full for it (the same result, without the memory saving)", func)
+
+        def full(t):
+            return torch.cat(t._parts(), 1) if type(t) is cls else t
+        return func(*tree_map(full, args), **tree_map(full, kwargs))
 
 
 # -- skip tensors in host memory -----------------------------------------------------------------------------------

@@ -26,7 +26,10 @@ What it installs on the patched clone (``install``), for ``low_memory`` "auto" o
   ControlNet's output residuals to the popped skip *before* ``output_block_patch`` runs, with a try/except that
   drops the residual with a warning when the two sit on different devices; so the call's ``control`` goes to the
   UNet with those residuals replaced by None (ComfyUI then adds nothing) and the patch adds each one to the
-  device copy of its skip, the same in-place add, in the same order.
+  device copy of its skip, the same in-place add, in the same order. A second ``output_block_patch`` (last)
+  hands the UNet a stand-in for its ``cat([h, skip])`` (``lowmem.PendingConcat``): the output block's ResBlock
+  (ours) makes the concatenation, runs its skip convolution first and frees it as soon as ``in_layers`` has
+  read it, where ComfyUI's UNet holds it through the whole output block.
 - The memory estimate knows the mode (nodes/memory.py, ``install_memory_estimate(..., low_memory=)``): "on"
   reports the low-memory line; "auto" reports the ordinary line when the step fits in the memory that will be
   free once the weights are loaded, the ordinary line too when the batch does not fit but half of it does (so
@@ -234,15 +237,29 @@ def _fresh_conv_output(module: nn.Module) -> bool:
     return type(module).forward in _CONV_FORWARDS
 
 
-def resblock_in_place(block, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+def resblock_in_place(block, x, emb: torch.Tensor) -> torch.Tensor:
     """ComfyUI's ``ResBlock._forward`` (no up/down-sampling, no scale-shift norm) with its two sums in place: the
     time embedding is added into the fresh output of ``in_layers``, and that of ``out_layers`` into the skip
     connection's fresh output (or the input into it, for an identity skip). The same sums, the same bits (an
     addition is commutative); a block holds two block-sized tensors at most besides ``x`` where ComfyUI holds
     three (on a CPU, oneDNN also copies ``x`` into its blocked layout for the 1x1 skip convolution). Only for
     ``in_layers``/``out_layers`` that are ours (a fresh result) and a skip connection that is an identity or a
-    plain convolution; ``BandedResBlock`` checks."""
+    plain convolution; ``BandedResBlock`` checks.
+
+    ``x`` may come as a one-element list holding a tensor nobody else holds (the decoder's concatenation, made by
+    the block itself): then the skip convolution runs first, and the input is released as soon as ``in_layers``
+    has read it, before ``out_layers`` runs. The same operations on the same inputs: the same bits."""
+    owned = isinstance(x, list)
+    if owned:
+        x = x.pop()
+    skip = block.skip_connection
+    y = None
+    if owned and not isinstance(skip, nn.Identity):
+        # (not by bands: a 1x1 convolution by bands takes other oneDNN kernels, up to 9e-7 relative through a UNet)
+        y = skip(x)
     h = block.in_layers(x)
+    if y is not None:
+        del x
     if not block.skip_t_emb:
         emb_out = block.emb_layers(emb).type(h.dtype)
         while len(emb_out.shape) < len(h.shape):
@@ -255,13 +272,12 @@ def resblock_in_place(block, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor
             h = h + emb_out
         del emb_out
     h = block.out_layers(h)
-    skip = block.skip_connection
-    if isinstance(skip, nn.Identity):
-        if h.shape == x.shape and h.dtype == x.dtype:
-            return h.add_(x)  # x + h
-        return x + h
-    # (not by bands: a 1x1 convolution by bands takes other oneDNN kernels, up to 9e-7 relative through a UNet)
-    y = skip(x)
+    if y is None:
+        if isinstance(skip, nn.Identity):
+            if h.shape == x.shape and h.dtype == x.dtype:
+                return h.add_(x)  # x + h
+            return x + h
+        y = skip(x)
     if y.shape == h.shape and y.dtype == h.dtype:
         return y.add_(h)  # skip(x) + h
     return y + h
@@ -274,14 +290,23 @@ def banded_resblock_class(base: type) -> type:
     if base not in _BANDED_RESBLOCK:
         class BandedResBlock(base):
             def _forward(self, x, emb, *args, **kwargs):
-                if (lowmem.is_enabled() and not args and not kwargs and not self.updown
-                        and not self.use_scale_shift_norm and not torch.is_grad_enabled() and x.dim() == 4
-                        and type(self.in_layers) is NormActSequential and type(self.out_layers) is NormActSequential
-                        and (isinstance(self.skip_connection, nn.Identity)
-                             or _fresh_conv_output(self.skip_connection))):
+                if type(x) is lowmem.PendingConcat:  # the decoder's concatenation, ours to make and release
+                    x = [x.take()]
+                    if not self._in_place(x[0], args, kwargs):
+                        return super()._forward(x.pop(), emb, *args, **kwargs)
+                    _run_every_op()
+                    return resblock_in_place(self, x, emb)
+                if self._in_place(x, args, kwargs):
                     _run_every_op()
                     return resblock_in_place(self, x, emb)
                 return super()._forward(x, emb, *args, **kwargs)
+
+            def _in_place(self, x, args, kwargs) -> bool:  # whether resblock_in_place runs this call
+                return (lowmem.is_enabled() and not args and not kwargs and not self.updown
+                        and not self.use_scale_shift_norm and not torch.is_grad_enabled() and x.dim() == 4
+                        and type(self.in_layers) is NormActSequential and type(self.out_layers) is NormActSequential
+                        and (isinstance(self.skip_connection, nn.Identity)
+                             or _fresh_conv_output(self.skip_connection)))
 
         BandedResBlock.__name__ = BandedResBlock.__qualname__ = "Banded" + base.__name__
         _BANDED_RESBLOCK[base] = BandedResBlock
@@ -485,8 +510,9 @@ class _SkipOffload:
     """One UNet call's patches: park each skip, keep the device tensor flowing, bring skips back and add the
     ControlNet's output residuals to them."""
 
-    def __init__(self, parking: lowmem.SkipParking, control):
+    def __init__(self, parking: lowmem.SkipParking, control, diffusion_model=None):
         self.parking = parking
+        self.diffusion_model = diffusion_model
         self.device_h = None
         self.residuals = None
         if control is not None and control.get("output"):
@@ -518,12 +544,25 @@ class _SkipOffload:
                     logging.warning("warning control could not be applied {} {}".format(hsp.shape, ctrl.shape))
         return h, hsp
 
+    def defer_concat(self, h, hsp, transformer_options):
+        """Last of the output block patches: when the block's first layer is our ResBlock, hand the UNet a
+        stand-in for ``cat([h, hsp])`` (``lowmem.PendingConcat``) and a part with no channels to concatenate it
+        with; the ResBlock makes the concatenation and releases it once read, where the UNet would hold it
+        through the whole output block."""
+        kind, index = transformer_options.get("block", (None, None))
+        blocks = getattr(self.diffusion_model, "output_blocks", None)
+        if (kind == "output" and blocks is not None and isinstance(index, int) and 0 <= index < len(blocks)
+                and len(blocks[index]) and is_banded_resblock(blocks[index][0])
+                and hsp is not None and lowmem.PendingConcat.can_stand_for(h, hsp)):
+            return lowmem.PendingConcat(h, hsp), h.new_empty((h.shape[0], 0) + tuple(h.shape[2:]))
+        return h, hsp
+
     def options(self, transformer_options: dict) -> dict:
         to = dict(transformer_options)
         patches = {k: list(v) for k, v in to.get("patches", {}).items()}
         patches["input_block_patch"] = patches.get("input_block_patch", []) + [self.park]
         patches["input_block_patch_after_skip"] = [self.hand_on] + patches.get("input_block_patch_after_skip", [])
-        patches["output_block_patch"] = [self.bring_back] + patches.get("output_block_patch", [])
+        patches["output_block_patch"] = [self.bring_back] + patches.get("output_block_patch", []) + [self.defer_concat]
         to["patches"] = patches
         return to
 
@@ -544,7 +583,7 @@ class LowMemoryWrapper:
             with lowmem.enabled(False):
                 return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         parking = lowmem.SkipParking(x.device, host_alloc=HOST_ALLOC)
-        offload = _SkipOffload(parking, control)
+        offload = _SkipOffload(parking, control, getattr(executor.class_obj, "diffusion_model", None))
         try:
             with lowmem.enabled(True):
                 return executor(x, t, c_concat, c_crossattn, offload.control, offload.options(transformer_options),

@@ -45,8 +45,9 @@ def small_chunks(pack, NL, monkeypatch):
 def counts(pack, L, NL, monkeypatch):
     """How often the mode's pieces ran: skips parked, skips brought back, chunked GroupNorm+SiLU passes,
     LinFusion layers in token chunks, convolutions by bands of rows (ResBlocks' norm-SiLU-conv, upsamplers), ResBlocks
-    with their sums in place, transformer blocks in token chunks."""
-    c = {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0, "banded": 0, "resblock": 0, "chunked_block": 0}
+    with their sums in place, transformer blocks in token chunks, decoder concatenations made by their ResBlock."""
+    c = {"park": 0, "fetch": 0, "chunked_gn": 0, "chunked_attn": 0, "banded": 0, "resblock": 0, "chunked_block": 0,
+         "concat": 0}
     park, fetch, gns = L.SkipParking.park, L.SkipParking.fetch, L.group_norm_silu
     attn = pack.linfusion_core.layer.LinFusionAttention
 
@@ -62,6 +63,7 @@ def counts(pack, L, NL, monkeypatch):
     monkeypatch.setattr(L, "conv2d_in_bands", spy("banded", L.conv2d_in_bands))
     monkeypatch.setattr(NL, "resblock_in_place", spy("resblock", NL.resblock_in_place))
     monkeypatch.setattr(NL, "transformer_block_in_chunks", spy("chunked_block", NL.transformer_block_in_chunks))
+    monkeypatch.setattr(L.PendingConcat, "take", spy("concat", L.PendingConcat.take))
     return c
 
 
@@ -141,6 +143,38 @@ def test_convolutions_in_bands_bit_exact(L, shape, groups, out_c):
         refd = convd(L.group_norm_silu_f64(x, groups, w, b))
         assert yd.dtype == torch.float64 and rel(yd, refd) < 1e-12
     assert torch.equal(x, x0)
+
+
+def test_pending_concat(L, caplog):
+    """The stand-in for the decoder's concatenation: passes through ``cat`` with a part of no channels as a new
+    stand-in (no data made), gives exactly ``torch.cat`` when taken or when any other op reads it (logged once
+    per op), keeps the metadata the UNet reads, and once taken refuses to be read again."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 6, 5, 7, generator=g), torch.randn(2, 3, 5, 7, generator=g)
+    ref = torch.cat([a, b], dim=1)
+    assert L.PendingConcat.can_stand_for(a, b)
+    assert not L.PendingConcat.can_stand_for(a, b.double()) and not L.PendingConcat.can_stand_for(a, b[:1])
+    assert not L.PendingConcat.can_stand_for(a, b[:, :, :4])
+    p = L.PendingConcat(a, b)
+    assert (p.shape, p.dtype, p.device, p.dim(), p.is_contiguous()) == (ref.shape, ref.dtype, ref.device, 4, True)
+    q = torch.cat([p, a.new_empty(2, 0, 5, 7)], dim=1)  # as ComfyUI's UNet concatenates
+    assert type(q) is L.PendingConcat and q.shape == ref.shape and q.parts[0] is a and q.parts[1] is b
+    with pytest.raises(RuntimeError, match="read again"):  # the first stand-in gave its parts on
+        p.take()
+    conv = torch.nn.Conv2d(9, 4, 1)
+    with caplog.at_level(logging.INFO, logger="LinFusion"), torch.no_grad():
+        for op in (lambda t: t + 1, lambda t: F.group_norm(t, 3), conv, lambda t: t.sum(dim=(2, 3))):
+            out = op(q)
+            assert type(out) is torch.Tensor and torch.equal(out, op(ref))
+        conv(q)
+    assert caplog.text.count("aten.convolution") == 1  # once per op
+    assert "made in full" in caplog.text
+    assert q.parts is not None
+    taken = q.take()
+    assert type(taken) is torch.Tensor and torch.equal(taken, ref) and q.parts is None
+    with pytest.raises(RuntimeError, match="read again"):
+        q + 1
+    assert torch.equal(a, ref[:, :6]) and torch.equal(b, ref[:, 6:])  # the parts are never written
 
 
 def _layer(pack, c, heads, dtype, projections, seed=0):
@@ -327,6 +361,9 @@ def test_sd15_unet_exact(pack, sd15, counts, small_chunks):
     assert counts["resblock"] == 22  # every ResBlock's sums in place
     # SD-1.5's 16 transformer blocks in token chunks (their LinFusion layers' two passes inside)
     assert counts["chunked_block"] == 16 and counts["chunked_attn"] == 0
+    # every output block's concatenation made by its ResBlock, and released before the block's next layer runs
+    # (ComfyUI's UNet would hold it through the whole output block)
+    assert counts["concat"] == 12
     print(f"SD-1.5 UNet, mode on vs off: {rel(on, off):.2e} relative")
     assert rel(on, off) <= 1e-6, rel(on, off)
     assert not torch.equal(on, torch.zeros_like(on))
@@ -338,6 +375,49 @@ def test_sd15_unet_exact(pack, sd15, counts, small_chunks):
         mp.setattr(pack.linfusion_core.layer.LinFusionAttention, "chunk_elements", 1 << 30)
         whole = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
     assert counts["park"] == 12 and torch.equal(whole, off)
+
+
+def test_decoder_concatenations_released_after_their_resblock(pack, L, NL, sd15, counts, small_chunks, monkeypatch):
+    """In the mode, each output block's concatenation (skip + input) is made by the block's ResBlock and freed when
+    that ResBlock is done: none is alive when the block's next layer runs (ComfyUI's UNet holds it through the
+    whole block). An output block whose ResBlock is another pack's keeps ComfyUI's concatenation. Exact both ways."""
+    import weakref
+
+    import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+    refs, alive = [], []
+    take = L.PendingConcat.take
+
+    def spy(self):
+        t = take(self)
+        refs.append(weakref.ref(t))
+        return t
+    monkeypatch.setattr(L.PendingConcat, "take", spy)
+    x, c = _sd15_inputs(2)
+    off = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, c_crossattn=c)
+    dm = sd15["unet"].model.diffusion_model
+    nexts = [blk[1] for blk in dm.output_blocks if len(blk) > 1 and isinstance(blk[1], oai.SpatialTransformer)]
+    assert len(nexts) == 9
+    hooks = [m.register_forward_pre_hook(lambda m, a: alive.append(sum(r() is not None for r in refs)))
+             for m in nexts]
+    try:
+        on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, c_crossattn=c)
+        assert len(refs) == 12 and len(alive) == 9 and alive == [0] * 9, alive
+        assert rel(on, off) <= 1e-6, rel(on, off)
+        # another pack's ResBlock at output block 4: its concatenation is ComfyUI's, held through its block
+        other = sd15["unet"].clone()
+
+        class TheirResBlock(oai.ResBlock):
+            pass
+        key = "diffusion_model.output_blocks.4.0"
+        other.add_object_patch(key, NL._same_children(TheirResBlock, other.get_model_object(key)))
+        refs.clear(), alive.clear()
+        counts["concat"] = 0
+        on2 = _run(_apply(pack, other, sd15["ck"], "on"), x, c_crossattn=c)
+        assert counts["concat"] == 11 and alive == [0] * 9
+        assert rel(on2, off) <= 1e-6, rel(on2, off)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_transformer_blocks_with_patches_run_as_comfyui(pack, sd15, counts, small_chunks):
@@ -431,7 +511,7 @@ def test_sd15_unet_exact_with_controlnet(pack, sd15, counts, small_chunks, monke
         on = _run(_apply(pack, sd15["unet"], sd15["ck"], "on"), x, control=_fresh(control), c_crossattn=c)
     assert "control could not be applied" not in caplog.text
     assert counts["park"] == 12 and len(seen) == 12 and all(seen)  # ComfyUI got Nones; the patch added them
-    assert counts["banded"] == 2 * 22 + 3 and counts["resblock"] == 22
+    assert counts["banded"] == 2 * 22 + 3 and counts["resblock"] == 22 and counts["concat"] == 12
     print(f"SD-1.5 UNet + ControlNet, mode on vs off: {rel(on, off):.2e} relative")
     assert rel(on, off) <= 1e-6, rel(on, off)
     del net
@@ -455,7 +535,7 @@ def test_sdxl_unet_exact(pack, comfy_inproc, counts, small_chunks, tmp_path_fact
         assert counts["park"] == counts["fetch"] == 9
         assert counts["chunked_block"] == 70 and counts["chunked_attn"] == 0  # SD-XL's 70 transformer blocks
         assert counts["banded"] == 2 * 17 + 2  # SD-XL: 17 ResBlocks (6 in, 2 middle, 9 out), 2 upsamplers
-        assert counts["resblock"] == 17
+        assert counts["resblock"] == 17 and counts["concat"] == 9
         print(f"SD-XL UNet, mode on vs off: {rel(on, off):.2e} relative")
         assert rel(on, off) <= 1e-6, rel(on, off)
         net = comfy.controlnet.load_controlnet(str(controlnet_fixtures.ensure_controlnet("sdxl-small", "diffusers")))
