@@ -25,7 +25,11 @@ SD15_TILE_CN = "control_v11f1e_sd15_tile.safetensors"
 COL = 420  # px between stage columns
 # The canvas view saved with each file (extra.ds), which the frontend restores on opening it: scale 1, the note
 # (x = -900) at the left edge of the window, so the first thing a user sees is the note, the loaders and stage 1.
-VIEW = {"scale": 1, "offset": [980, 60]}
+VIEW = {"scale": 1, "offset": [980, 120]}
+# Groups start this far above the first row of nodes (y = 80): a node's title bar sits 30 px above its position,
+# and a group's title is about 35 px tall, so at 40 (as before) the first nodes covered their group's title.
+GROUP_ABOVE = 80
+GROUP_FONT = 18  # px; the frontend's default (24) made most stage titles wider than their group
 
 
 class Spec:
@@ -38,7 +42,9 @@ class Spec:
         return key
 
     def group(self, title, x, y, w, h, color="#3f789e"):
-        self.groups.append(dict(title=title, pos=[x, y], size=[w, h], color=color))
+        """A group whose first row of nodes is at ``y + 40`` (its top goes up to make room for its title)."""
+        top = y + 40 - GROUP_ABOVE
+        self.groups.append(dict(title=title, pos=[x, top], size=[w, h + y - top], color=color, font_size=GROUP_FONT))
 
     def as_dict(self):
         return {"nodes": self.nodes, "groups": self.groups, "view": VIEW}
@@ -64,9 +70,9 @@ def chain(s: Spec, *, model, pos, neg, vae, first_image, stages, tiled_from, pre
         x = x0 + i * COL
         tiled = w * h >= tiled_from
         k = f"s{i}"
-        s.group(f"Stage {i + 2}: {w}x{h}, denoise {denoise} ({steps} of {round(steps / denoise)} steps)"
-                f"{', tile ControlNet' if control_net else ''}{', tiled VAE' if tiled else ''}", x - 10, 40, COL - 20,
-                group_h)
+        # (short enough to fit over the group at GROUP_FONT: a longer title runs into the next group's; the steps
+        # are in the KSampler, the tiling and the ControlNet are nodes of the group)
+        s.group(f"Stage {i + 2}: {w}x{h}, denoise {denoise}", x - 10, 40, COL - 20, group_h)
         s.add(k + "scale", "ImageScale", (x, rows["scale"]), {"upscale_method": "bicubic", "width": w, "height": h,
                                                               "crop": "disabled"}, {"image": (img, 0)})
         if tiled:
@@ -167,7 +173,7 @@ def _sd15_front(s: Spec, note: str, note_h: int, pos_text: str, neg_text: str, p
 
 def _sd15_text_to_image(s: Spec, group_h: int, ks_y: int, dec_y: int) -> None:
     """Stage 1 of the SD-1.5 16K chains: 1024x512 text to image, 50 steps, decoded and previewed."""
-    s.group("Stage 1: 1024x512 text to image (50 steps)", -10, 40, COL - 20, group_h, color="#8A8")
+    s.group("Stage 1: 1024x512 text to image", -10, 40, COL - 20, group_h, color="#8A8")
     s.add("empty", "EmptyLatentImage", (0, 80), {"width": 1024, "height": 512, "batch_size": 1})
     s.add("ks0", "KSampler", (0, ks_y), _ksampler(50, 1.0, 7.5, 3, "deis", "ddim_uniform"),
           {"model": ("lf", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("empty", 0)})
@@ -203,7 +209,7 @@ def sdxl_16k() -> Spec:
     s.add("negtxt", "CLIPTextEncodeSDXL", (-420, 1000), dict(cond, text_g="", text_l=""), {"clip": ("ckpt", 1)},
           title="Negative (zeroed below)")
     s.add("neg", "ConditioningZeroOut", (-420, 1380), {}, {"conditioning": ("negtxt", 0)})
-    s.group("Stage 1: 1024x512 base (50 steps, stock attention)", -10, 40, COL - 20, 1000, color="#8A8")
+    s.group("Stage 1: 1024x512, stock attention", -10, 40, COL - 20, 1000, color="#8A8")
     s.add("empty", "EmptyLatentImage", (0, 80), {"width": 1024, "height": 512, "batch_size": 1})
     s.add("ks0", "KSampler", (0, 420), _ksampler(50, 1.0, 5.0, 42, "euler", "ddim_uniform"),
           {"model": ("lfbase", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("empty", 0)})

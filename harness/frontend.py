@@ -79,6 +79,7 @@ _BUILD_JS = """async (spec) => {
     const grp = new LiteGraph.LGraphGroup(g.title);
     grp.pos = g.pos; grp.size = g.size;
     if (g.color) grp.color = g.color;
+    if (g.font_size) grp.font_size = g.font_size;
     app.graph.add(grp);
   }
   // The view a user gets on opening the file (the frontend stores the canvas view in extra.ds on export).
