@@ -289,8 +289,9 @@ class PendingConcat(torch.Tensor):
 
     ``torch.cat([pending, empty], 1)`` (a second part with no channels) gives a new stand-in for the same parts:
     that is how it passes through a ``th.cat`` it cannot avoid. Any other operation on it gets the full
-    concatenation, made for that operation (the same numbers, only the memory is not saved; logged once). After
-    ``take`` it is spent: reading it again is an error, never a wrong number."""
+    concatenation, made for that operation (the same numbers, only the memory is not saved; logged once); an
+    operation that would write into it is an error (it would write into that temporary copy). After ``take`` it is
+    spent: reading it again is an error, never a wrong number."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -334,6 +335,9 @@ class PendingConcat(torch.Tensor):
                 new = cls(*ts[0]._parts())
                 ts[0].parts = None
                 return new
+        if func._schema.is_mutable:  # written into: that would change a temporary, and the picture silently
+            raise RuntimeError(f"LinFusion low-memory mode: {func} would write into the stand-in for a skip "
+                               "concatenation; set low_memory to off on Apply LinFusion for this model")
         if func not in _LOG_ONCE:
             _LOG_ONCE.add(func)
             logging.getLogger("LinFusion").info(

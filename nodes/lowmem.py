@@ -548,12 +548,19 @@ class _SkipOffload:
         """Last of the output block patches: when the block's first layer is our ResBlock, hand the UNet a
         stand-in for ``cat([h, hsp])`` (``lowmem.PendingConcat``) and a part with no channels to concatenate it
         with; the ResBlock makes the concatenation and releases it once read, where the UNet would hold it
-        through the whole output block."""
+        through the whole output block. Only while it is the last of the patches (one that another wrapper added
+        after it would get the stand-in)."""
         kind, index = transformer_options.get("block", (None, None))
         blocks = getattr(self.diffusion_model, "output_blocks", None)
-        if (kind == "output" and blocks is not None and isinstance(index, int) and 0 <= index < len(blocks)
-                and len(blocks[index]) and is_banded_resblock(blocks[index][0])
-                and hsp is not None and lowmem.PendingConcat.can_stand_for(h, hsp)):
+        patches = transformer_options.get("patches") or {}
+        chain = patches.get("output_block_patch") or []
+        if not (kind == "output" and blocks is not None and isinstance(index, int) and 0 <= index < len(blocks)
+                and len(blocks[index]) and chain and chain[-1] == self.defer_concat):
+            return h, hsp
+        first = blocks[index][0]
+        if (is_banded_resblock(first) and hsp is not None and lowmem.PendingConcat.can_stand_for(h, hsp)
+                and not any(isinstance(first, cls)  # (0.33+: a handler would run in the ResBlock's place)
+                            for cls, _ in patches.get("forward_timestep_embed_patch") or [])):
             return lowmem.PendingConcat(h, hsp), h.new_empty((h.shape[0], 0) + tuple(h.shape[2:]))
         return h, hsp
 

@@ -169,6 +169,8 @@ def test_pending_concat(L, caplog):
         conv(q)
     assert caplog.text.count("aten.convolution") == 1  # once per op
     assert "made in full" in caplog.text
+    with pytest.raises(RuntimeError, match="write into"):  # it would write into a temporary copy
+        q.mul_(2)
     assert q.parts is not None
     taken = q.take()
     assert type(taken) is torch.Tensor and torch.equal(taken, ref) and q.parts is None
@@ -415,6 +417,25 @@ def test_decoder_concatenations_released_after_their_resblock(pack, L, NL, sd15,
         on2 = _run(_apply(pack, other, sd15["ck"], "on"), x, c_crossattn=c)
         assert counts["concat"] == 11 and alive == [0] * 9
         assert rel(on2, off) <= 1e-6, rel(on2, off)
+        # a wrapper inside ours that adds an output block patch after ours: that patch must never get the stand-in
+        import comfy.patcher_extension as pe
+        inner = _apply(pack, sd15["unet"], sd15["ck"], "on")
+        seen = []
+
+        def theirs(h, hsp, transformer_options):
+            seen.append((type(h), hsp.shape[1]))
+            return h, hsp
+
+        def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+            to = dict(transformer_options)
+            to["patches"] = dict(to.get("patches", {}))
+            to["patches"]["output_block_patch"] = list(to["patches"].get("output_block_patch", [])) + [theirs]
+            return executor(x, t, c_concat, c_crossattn, control, to, **kw)
+        inner.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "theirs", wrapper)
+        counts["concat"] = 0
+        on3 = _run(inner, x, c_crossattn=c)
+        assert len(seen) == 12 and all(t is torch.Tensor and n > 0 for t, n in seen) and counts["concat"] == 0
+        assert rel(on3, off) <= 1e-6, rel(on3, off)
     finally:
         for h in hooks:
             h.remove()
