@@ -17,8 +17,9 @@ Sections (each in its own Python process, killed at its time limit; what it meas
              which); an out-of-memory error is caught and recorded.
   lowmem     the low-memory mode (nodes/lowmem.py, issue 13): one step of the SD-XL 16K stage (16384×8192 px,
              batch 1, fp16, an in-memory SD-XL stand-in) with LinFusion, without and with the mode: time and peak
-             torch.cuda.max_memory_allocated with the weights resident, against 16 GB (benchmarks/gpu_lowmem.py;
-             the dry run: SD-1.5 at 64×64 px).
+             torch.cuda.max_memory_allocated with the weights resident, against 16 GB, and the UNet layer where
+             the step peaked; then SD-1.5's 16K step with the mode, against 10 GB, while time lasts
+             (benchmarks/gpu_lowmem.py; the dry run: SD-1.5 at 64×64 px).
   parallel   the spatial-parallel path (linfusion_core/parallel.py, issue 14) on one rank against the plain UNet call:
              SD-1.5 stand-in with LinFusion, batch 2, fp16, at 2048², 4096² and the 16K stage; time ratio, peak
              memory and the outputs' difference (benchmarks/gpu_parallel.py; the dry run: 64×64 px, gloo).
