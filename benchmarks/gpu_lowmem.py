@@ -44,16 +44,6 @@ def standin_unet(family: str, torch, mm):
                                             offload_device=mm.unet_offload_device())
 
 
-def sampling_options(m) -> dict:
-    """transformer_options as the sampler passes them: the patcher's wrappers merged in (the mode's switch is an
-    APPLY_MODEL wrapper)."""
-    import comfy.patcher_extension as pe
-    to = dict(m.model_options.get("transformer_options", {}))
-    to["wrappers"] = {}
-    pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
-    return to
-
-
 class RunningPeaks:
     """Where a step peaks, without disturbing the peak it measures: after each layer of each UNet block (the layers
     ComfyUI's UNet calls one by one: ``input_blocks.i.j``, ``middle_block.j``, ``output_blocks.i.j``, ``out``),
@@ -62,14 +52,15 @@ class RunningPeaks:
 
     def __init__(self, diffusion_model, read):
         self.read, self.seen, self.hooks = read, [], []
-        for name in ("input_blocks", "middle_block", "output_blocks"):
-            for i, block in enumerate(getattr(diffusion_model, name, None) or []):
-                layers = block if name != "middle_block" else [block]
-                for j, layer in enumerate(layers):
-                    label = f"{name}.{i}.{j}" if name != "middle_block" else f"{name}.{i}"
-                    self.hooks.append(layer.register_forward_hook(self._hook(label)))
+        layers = [(f"{name}.{i}.{j}", layer) for name in ("input_blocks", "output_blocks")
+                  for i, block in enumerate(getattr(diffusion_model, name, None) or [])
+                  for j, layer in enumerate(block)]
+        layers += [(f"middle_block.{j}", layer) for j, layer in enumerate(getattr(diffusion_model, "middle_block",
+                                                                                  None) or [])]
         if getattr(diffusion_model, "out", None) is not None:
-            self.hooks.append(diffusion_model.out.register_forward_hook(self._hook("out")))
+            layers.append(("out", diffusion_model.out))
+        for label, layer in layers:
+            self.hooks.append(layer.register_forward_hook(self._hook(label)))
 
     def _hook(self, label):
         def hook(module, args, output):
@@ -104,6 +95,7 @@ def _lowmem_run(cfg, spec, rec, gc, torch, mm, pack, cuda, env) -> None:
     sys.path.insert(0, str(BENCH))
     import unet_variants
     from harness import linfusion_fixtures
+    from harness.fixtures import sampling_options
     from harness.peakmem import PeakRSS, proc_status
 
     deadline = spec["deadline"]

@@ -137,10 +137,6 @@ def build(name: str, out: Path) -> None:
     comfy.utils.save_torch_file(sd, str(out), metadata={"linfusion_fixture": json.dumps({"name": name})})
 
 
-if __name__ == "__main__":
-    build(sys.argv[1], Path(sys.argv[2]))
-
-
 def sampling_options(m) -> dict:
     """``transformer_options`` for ``m.model.apply_model`` as ComfyUI's sampler hands them on: the patcher's own,
     with its wrappers merged in (comfy/sampler_helpers.py prepare_model_patcher); the low-memory mode is an
@@ -150,3 +146,7 @@ def sampling_options(m) -> dict:
     to["wrappers"] = {}
     pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
     return to
+
+
+if __name__ == "__main__":
+    build(sys.argv[1], Path(sys.argv[2]))

@@ -290,16 +290,13 @@ def banded_resblock_class(base: type) -> type:
     if base not in _BANDED_RESBLOCK:
         class BandedResBlock(base):
             def _forward(self, x, emb, *args, **kwargs):
-                if type(x) is lowmem.PendingConcat:  # the decoder's concatenation, ours to make and release
+                pending = type(x) is lowmem.PendingConcat
+                if pending:  # the decoder's concatenation, ours to make; held only by this list, so it can go
                     x = [x.take()]
-                    if not self._in_place(x[0], args, kwargs):
-                        return super()._forward(x.pop(), emb, *args, **kwargs)
+                if self._in_place(x[0] if pending else x, args, kwargs):
                     _run_every_op()
                     return resblock_in_place(self, x, emb)
-                if self._in_place(x, args, kwargs):
-                    _run_every_op()
-                    return resblock_in_place(self, x, emb)
-                return super()._forward(x, emb, *args, **kwargs)
+                return super()._forward(x.pop() if pending else x, emb, *args, **kwargs)
 
             def _in_place(self, x, args, kwargs) -> bool:  # whether resblock_in_place runs this call
                 return (lowmem.is_enabled() and not args and not kwargs and not self.updown
