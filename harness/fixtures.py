@@ -15,6 +15,7 @@ Callers use ``ensure(name)``, which caches the file under <host>/fixtures keyed 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -146,6 +147,19 @@ def sampling_options(m) -> dict:
     to["wrappers"] = {}
     pe.merge_nested_dicts(to["wrappers"], m.wrappers, copy_dict1=False)
     return to
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the enclosed code on ``n`` of torch's CPU threads (oneDNN's work split, and so the last bits of some
+    convolutions, depends on it: tests that compare bit for bit pin it)."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 if __name__ == "__main__":

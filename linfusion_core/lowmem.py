@@ -18,7 +18,12 @@ attention is linear, and how to take it out without changing a number.
   and an upsampler's ``nearest resize -> conv`` by bands of output rows, each band making only its input rows
   (plus the kernel's halo) from the block's input: the normalised or resized input never exists at full size.
   GroupNorm as torch's kernel computes it (its own statistics, over slabs of whole groups; its fused affine form),
-  so bit for bit the full-size result on this CPU (tested, and 0.0 through whole UNets).
+  so bit for bit the full-size result on this CPU (tested, and 0.0 through whole UNets). ``conv2d_rows``: a
+  convolution by bands of rows of its input (a ResBlock's 1x1 skip convolution, whose working copy on a CPU is
+  the size of its input): single-threaded bit for bit; with several threads oneDNN may split a band among them
+  otherwise than the whole tensor (within 1e-6 relative, tested).
+- ``ConcatParts``: the decoder's ``cat([h, skip])`` read by bands of rows and slabs of channels made from its two
+  parts, so a decoder ResBlock (whose skip convolution and ``in_layers`` both read by bands) never makes it.
 - The LinFusion layers (layer.py, ``LinFusionAttention._token_chunked``) read ``is_enabled()`` too: in the mode a
   large layer runs in token chunks, its attention as the torch path's two passes over the same chunks (bit for bit
   the full-size result on this CPU, measured through whole SD-1.5 and SD-XL UNets).
@@ -158,15 +163,16 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
     groups (a group's statistics do not depend on the slab), so applying it to any rows of ``x`` gives those rows
     of ``group_norm(x)`` bit for bit on this CPU (tested); on CUDA to float rounding; fp16/bf16 inputs take the
     statistics of a float32 copy of each slab (the kernel's own are float32 but returned rounded), within float32
-    rounding of the kernel's. Temporaries: one slab (in float32 for fp16/bf16)."""
+    rounding of the kernel's. Temporaries: one slab (in float32 for fp16/bf16). ``x`` may be a ``ConcatParts``."""
     n, c = x.shape[:2]
     cpg = c // num_groups
-    hw = x[0, 0].numel()
+    hw = math.prod(x.shape[2:])
     k = max(1, chunk_elements // max(1, n * cpg * hw))
     means, rstds = [], []
     for g0 in range(0, num_groups, k):
         g1 = min(num_groups, g0 + k)
-        slab = x[:, g0 * cpg:g1 * cpg].contiguous()  # a view for one sample; a slab-sized copy for a batch
+        # a view for one sample; a slab-sized copy for a batch, or from the parts of a ConcatParts
+        slab = _channels(x, g0 * cpg, g1 * cpg)
         if slab.dtype not in (torch.float32, torch.float64):
             # the kernel normalises fp16/bf16 with float32 statistics but returns them rounded to the input's
             # dtype: take them from a float32 copy of the slab instead
@@ -227,13 +233,66 @@ def norm_silu_conv2d(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
                      bias: torch.Tensor | None, padding, band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
     """``conv2d(silu(group_norm(x)))`` of a ResBlock's in/out layers with the normalised input made band by band
     (``scale``/``shift`` from ``group_norm_scale_shift``; fp16/bf16 normalise in float32 and round once before the
-    SiLU, as torch's kernel does). Holds ``x``, the output and one band's temporaries."""
+    SiLU, as torch's kernel does). Holds ``x``, the output and one band's temporaries. ``x`` may be a
+    ``ConcatParts``."""
     def rows(lo, hi):
-        y = torch.addcmul(shift, x[:, :, lo:hi], scale)
+        y = torch.addcmul(shift, _rows(x, lo, hi), scale)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return F.silu(y, inplace=True)
     return conv2d_in_bands(rows, x.shape, weight, bias, padding, band_elements)
+
+
+def conv2d_rows(x, weight: torch.Tensor, bias: torch.Tensor | None, padding,
+                band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
+    """``conv2d(x, weight, bias, padding=padding)`` (stride 1, 'same' padding) by bands of rows of ``x`` (a tensor
+    or a ``ConcatParts``): the convolution's working copies are one band's (on a CPU, oneDNN's blocked copy of its
+    input: for a decoder ResBlock's 1x1 skip convolution, three times the block's output)."""
+    return conv2d_in_bands(lambda lo, hi: _rows(x, lo, hi), x.shape, weight, bias, padding, band_elements)
+
+
+def _rows(x, lo: int, hi: int) -> torch.Tensor:
+    return x.rows(lo, hi) if isinstance(x, ConcatParts) else x[:, :, lo:hi]
+
+
+def _channels(x, c0: int, c1: int) -> torch.Tensor:
+    return x.channels(c0, c1) if isinstance(x, ConcatParts) else x[:, c0:c1].contiguous()
+
+
+class ConcatParts:
+    """``torch.cat([a, b], 1)`` read by pieces: bands of rows and slabs of channels, each made from the parts when
+    asked for (the same values as that piece of the concatenation), so the concatenation never exists at full
+    size. Answers the few tensor questions the mode asks of an input (shape, dtype, device, ``dim``, ``numel``,
+    ``is_contiguous``, ``requires_grad``) as the concatenation would; ``full()`` makes it whole where a piecewise
+    read is not possible."""
+
+    requires_grad = False
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.parts = (a, b)
+        self.shape = torch.Size((a.shape[0], a.shape[1] + b.shape[1]) + tuple(a.shape[2:]))
+        self.dtype, self.device = a.dtype, a.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def is_contiguous(self) -> bool:
+        return True
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        return torch.cat([p[:, :, lo:hi] for p in self.parts], 1)
+
+    def channels(self, c0: int, c1: int) -> torch.Tensor:
+        a, b = self.parts
+        ca = a.shape[1]
+        pieces = ([a[:, c0:min(c1, ca)]] if c0 < ca else []) + ([b[:, max(c0, ca) - ca:c1 - ca]] if c1 > ca else [])
+        return torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0].contiguous()
+
+    def full(self) -> torch.Tensor:
+        return torch.cat(self.parts, 1)
 
 
 def nearest_rows(out_rows: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
@@ -314,6 +373,12 @@ class PendingConcat(torch.Tensor):
         """The concatenation, made now; the stand-in gives up its parts, so the caller holds the only reference."""
         parts, self.parts = self._parts(), None
         return torch.cat(parts, 1)
+
+    def take_parts(self) -> ConcatParts:
+        """The concatenation to be read by pieces (``ConcatParts``), never made whole; the stand-in gives up its
+        parts, so the caller holds the only reference to them."""
+        parts, self.parts = self._parts(), None
+        return ConcatParts(*parts)
 
     def _parts(self):
         if self.parts is None:

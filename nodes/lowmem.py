@@ -1,6 +1,8 @@
 """The low-memory mode of a LinFusion-patched model, on ComfyUI's patch points (the tensor work is in
 linfusion_core/lowmem.py). Exact: a step gives the same numbers with and without it (tested through whole UNets,
-with and without a ControlNet).
+with and without a ControlNet: on a CPU single-threaded the same bits; with several threads within the 1e-6 the
+issue allows, about what stock ComfyUI moves between thread counts, because oneDNN may split a band's 1x1
+convolution among threads otherwise than the whole tensor's; see ``skip_conv``).
 
 What it installs on the patched clone (``install``), for ``low_memory`` "auto" or "on" ("off" installs nothing):
 - An object patch on every ResBlock: the same block (same children, so weight names, LoRA keys and casting are
@@ -28,8 +30,10 @@ What it installs on the patched clone (``install``), for ``low_memory`` "auto" o
   UNet with those residuals replaced by None (ComfyUI then adds nothing) and the patch adds each one to the
   device copy of its skip, the same in-place add, in the same order. A second ``output_block_patch`` (last)
   hands the UNet a stand-in for its ``cat([h, skip])`` (``lowmem.PendingConcat``): the output block's ResBlock
-  (ours) makes the concatenation, runs its skip convolution first and frees it as soon as ``in_layers`` has
-  read it, where ComfyUI's UNet holds it through the whole output block.
+  (ours) takes its two parts (``lowmem.ConcatParts``), runs its 1x1 skip convolution and ``in_layers`` over them
+  by bands of rows, so the concatenation never exists at full size (made whole only for inputs under two
+  bands), and frees them as soon as ``in_layers`` has read them, where ComfyUI's UNet holds the concatenation
+  through the whole output block.
 - The memory estimate knows the mode (nodes/memory.py, ``install_memory_estimate(..., low_memory=)``): "on"
   reports the low-memory line; "auto" reports the ordinary line when the step fits in the memory that will be
   free once the weights are loaded, the ordinary line too when the batch does not fit but half of it does (so
@@ -94,21 +98,34 @@ class NormActSequential(nn.Sequential):
 
     chunk_elements = lowmem.CHUNK_ELEMENTS
 
-    def forward(self, x):
+    def _fused(self, x) -> bool:  # whether the mode runs the GroupNorm and SiLU as one chunked pass
         mods = list(self._modules.values())
-        if (len(mods) >= 2 and lowmem.is_enabled() and isinstance(mods[0], nn.GroupNorm)
-                and type(mods[1]) is nn.SiLU and not _autograd_needs(x, mods[0])):
+        return (len(mods) >= 2 and lowmem.is_enabled() and isinstance(mods[0], nn.GroupNorm)
+                and type(mods[1]) is nn.SiLU and not _autograd_needs(x, mods[0]))
+
+    def banded(self, x):
+        """The convolution this Sequential ends with when the mode runs it by bands of rows for ``x``, else None."""
+        mods = list(self._modules.values())
+        if (self._fused(x) and len(mods) >= 3 and all(_is_identity(m) for m in mods[2:-1])
+                and _bandable_input(x, BAND_ELEMENTS)):
+            return banded_conv(mods[-1])
+        return None
+
+    def forward(self, x):
+        """``x``: a tensor, or (from our ResBlock) a ``lowmem.ConcatParts``, read by bands where it is banded."""
+        if self._fused(x):
+            mods = list(self._modules.values())
             gn = mods[0]
             _run_every_op()
-            conv = None
-            if len(mods) >= 3 and all(_is_identity(m) for m in mods[2:-1]) and _bandable_input(x, BAND_ELEMENTS):
-                conv = banded_conv(mods[-1])
+            conv = self.banded(x)
             if conv is not None:  # GroupNorm -> SiLU -> conv by bands of rows: no full-size normalised input
-                with weight_and_bias(gn, x) as (w, b):
-                    scale, shift = lowmem.group_norm_scale_shift(x, gn.num_groups, _as(w, x), _as(b, x), gn.eps,
-                                                                 self.chunk_elements)
-                with weight_and_bias(conv, x) as (cw, cb):
+                like = _tensor(x)
+                with weight_and_bias(gn, like) as (w, b):
+                    scale, shift = lowmem.group_norm_scale_shift(x, gn.num_groups, _as(w, like), _as(b, like),
+                                                                 gn.eps, self.chunk_elements)
+                with weight_and_bias(conv, like) as (cw, cb):
                     return lowmem.norm_silu_conv2d(x, scale, shift, cw, cb, conv.padding, BAND_ELEMENTS)
+            x = _whole(x)
             with weight_and_bias(gn, x) as (w, b):
                 if w is not None and w.dtype != x.dtype:
                     w = w.to(x.dtype)
@@ -118,7 +135,7 @@ class NormActSequential(nn.Sequential):
             for m in mods[2:]:
                 x = m(x)
             return x
-        return super().forward(x)
+        return super().forward(_whole(x))
 
 
 def _run_every_op():
@@ -129,6 +146,16 @@ def _run_every_op():
 
 def _as(t, like):
     return t if t is None or t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _whole(x) -> torch.Tensor:
+    """``x`` as a tensor: a ``lowmem.ConcatParts`` made whole."""
+    return x.full() if isinstance(x, lowmem.ConcatParts) else x
+
+
+def _tensor(x) -> torch.Tensor:
+    """A tensor of ``x``'s dtype and device (for ComfyUI's weight casting)."""
+    return x.parts[0] if isinstance(x, lowmem.ConcatParts) else x
 
 
 def _is_identity(m: nn.Module) -> bool:
@@ -242,21 +269,25 @@ def resblock_in_place(block, x, emb: torch.Tensor) -> torch.Tensor:
     time embedding is added into the fresh output of ``in_layers``, and that of ``out_layers`` into the skip
     connection's fresh output (or the input into it, for an identity skip). The same sums, the same bits (an
     addition is commutative); a block holds two block-sized tensors at most besides ``x`` where ComfyUI holds
-    three (on a CPU, oneDNN also copies ``x`` into its blocked layout for the 1x1 skip convolution). Only for
+    three. A skip convolution over two bands runs by bands of rows (``skip_conv``: otherwise oneDNN, on a CPU,
+    copies all of ``x`` into its blocked layout for it; single-threaded the same bits, see ``skip_conv``). Only for
     ``in_layers``/``out_layers`` that are ours (a fresh result) and a skip connection that is an identity or a
     plain convolution; ``BandedResBlock`` checks.
 
-    ``x`` may come as a one-element list holding a tensor nobody else holds (the decoder's concatenation, made by
-    the block itself): then the skip convolution runs first, and the input is released as soon as ``in_layers``
-    has read it, before ``out_layers`` runs. The same operations on the same inputs: the same bits."""
+    ``x`` may come as a one-element list holding the decoder's concatenation, which nobody else holds: a
+    ``lowmem.ConcatParts`` (its two parts), read by bands by the skip convolution and ``in_layers`` when both run
+    by bands, so it never exists at full size, else made whole here. The skip convolution runs first, and the
+    input is released as soon as ``in_layers`` has read it, before ``out_layers`` runs. The same operations on
+    the same values."""
     owned = isinstance(x, list)
     if owned:
         x = x.pop()
     skip = block.skip_connection
+    if isinstance(x, lowmem.ConcatParts) and (block.in_layers.banded(x) is None or _skip_banded(skip, x) is None):
+        x = x.full()  # not read by bands all through: made whole (still ours to release early)
     y = None
     if owned and not isinstance(skip, nn.Identity):
-        # (not by bands: a 1x1 convolution by bands takes other oneDNN kernels, up to 9e-7 relative through a UNet)
-        y = skip(x)
+        y = skip_conv(skip, x)
     h = block.in_layers(x)
     if y is not None:
         del x
@@ -277,10 +308,33 @@ def resblock_in_place(block, x, emb: torch.Tensor) -> torch.Tensor:
             if h.shape == x.shape and h.dtype == x.dtype:
                 return h.add_(x)  # x + h
             return x + h
-        y = skip(x)
+        y = skip_conv(skip, x)
     if y.shape == h.shape and y.dtype == h.dtype:
         return y.add_(h)  # skip(x) + h
     return y + h
+
+
+def _skip_banded(skip: nn.Module, x):
+    return banded_conv(skip) if _bandable_input(x, BAND_ELEMENTS) else None
+
+
+def skip_conv(skip: nn.Module, x) -> torch.Tensor:
+    """A ResBlock's skip convolution (1x1 where the channels change) by bands of rows when its input is over two
+    bands (``x`` a tensor or a ``lowmem.ConcatParts``): the convolution's working copies (on a CPU, oneDNN's blocked
+    copy of the whole input, three times the block's output for a decoder block's concatenation) are one band's.
+    Otherwise ``skip(x)``.
+
+    Not always the same bits as the whole convolution: single-threaded it is (oneDNN sums each output pixel the
+    same way for a band as for the whole tensor), but with several threads oneDNN splits a band's work otherwise
+    than the whole tensor's for some shapes (measured on this 2-core CPU: 1920 -> 640 channels at 64 px wide,
+    bands of 16 K px; never at the 16K image's widths of 1024 and 2048 px with the default bands). Stock ComfyUI
+    itself moves as much between thread counts: a whole SD-1.5 UNet step, 1 thread against 2, 1.0e-6 relative;
+    mode on against off with the smallest bands, 9e-7."""
+    conv = _skip_banded(skip, x)
+    if conv is None:
+        return skip(x)
+    with weight_and_bias(conv, _tensor(x)) as (cw, cb):
+        return lowmem.conv2d_rows(x, cw, cb, conv.padding, BAND_ELEMENTS)
 
 
 def banded_resblock_class(base: type) -> type:
@@ -291,12 +345,12 @@ def banded_resblock_class(base: type) -> type:
         class BandedResBlock(base):
             def _forward(self, x, emb, *args, **kwargs):
                 pending = type(x) is lowmem.PendingConcat
-                if pending:  # the decoder's concatenation, ours to make; held only by this list, so it can go
-                    x = [x.take()]
+                if pending:  # the decoder's concatenation, ours to read by bands (or to make); held only by this
+                    x = [x.take_parts()]  # list, so it can go
                 if self._in_place(x[0] if pending else x, args, kwargs):
                     _run_every_op()
                     return resblock_in_place(self, x, emb)
-                return super()._forward(x.pop() if pending else x, emb, *args, **kwargs)
+                return super()._forward(x.pop().full() if pending else x, emb, *args, **kwargs)
 
             def _in_place(self, x, args, kwargs) -> bool:  # whether resblock_in_place runs this call
                 return (lowmem.is_enabled() and not args and not kwargs and not self.updown
