@@ -1,6 +1,7 @@
 """Time of one LinFusion UNet step with and without the low-memory mode (nodes/lowmem.py), in one process on this
 CPU: the generated true-size UNet (fp32), the two patched copies loaded in turn, steps alternating after a warm-up
-of each; prints the median of each and their ratio (the cost the README quotes). Run with the host Python:
+of each; prints the median of each and their ratio (the cost the README quotes), and how far the mode's output is
+from the ordinary one (relative, norm of the difference over the norm). Run with the host Python:
 
     python benchmarks/bench_lowmem_time.py --family sd15 --size 2048x1024 --repeats 3
 
@@ -55,26 +56,30 @@ def main(argv=None):
     if adm_dim:
         kw["y"] = torch.randn(1, adm_dim, generator=gen)
 
-    def step(m) -> float:
+    out = {}
+
+    def step(m, mode) -> float:
         mm.load_models_gpu([m])
         options = fixtures.sampling_options(m)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            m.model.apply_model(x, torch.tensor([1.5]), transformer_options=options, **kw)
+            out[mode] = m.model.apply_model(x, torch.tensor([1.5]), transformer_options=options, **kw).double()
         return time.perf_counter() - t0
 
     times = {"off": [], "on": []}
     for mode in ("off", "on"):
-        step(models[mode])  # warm-up
+        step(models[mode], mode)  # warm-up
+    rel = ((out["on"] - out["off"]).norm() / out["off"].norm()).item()
     for r in range(a.repeats):
         for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-            times[mode].append(step(models[mode]))
+            times[mode].append(step(models[mode], mode))
             print(f"{mode:3s} {times[mode][-1]:.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"family": a.family, "size": a.size, "threads": torch.get_num_threads(), "times": times,
            "median_off": med["off"], "median_on": med["on"], "ratio_on_off": med["on"] / med["off"],
-           "band_elements": a.band_elements, "chunk_elements": a.chunk_elements}
-    print(f"{a.family} {a.size}: off {med['off']:.2f} s, on {med['on']:.2f} s, on/off {res['ratio_on_off']:.3f}")
+           "band_elements": a.band_elements, "chunk_elements": a.chunk_elements, "relative_on_off": rel}
+    print(f"{a.family} {a.size}: off {med['off']:.2f} s, on {med['on']:.2f} s, on/off {res['ratio_on_off']:.3f}; "
+          f"output on vs off {rel:.2e} relative")
     print(json.dumps(res))
 
 

@@ -3,7 +3,7 @@ SD-XL 16K stage (16384x8192 px, latent 2048x1024, batch 1 as ComfyUI runs cond a
 fp16) with LinFusion, without and with the low-memory mode (nodes/lowmem.py), then SD-1.5's with the mode while
 time lasts. Peak torch.cuda.max_memory_allocated with the weights resident, against issue 13's 16 GB (SD-XL) and
 10 GB (SD-1.5); the UNet layer after which that peak was reached (``RunningPeaks``); the step's time (the mode's
-cost); the estimate per mode.
+cost); the estimate per mode; how far the mode moves the step's output (relative to the step without it).
 
 The SD-XL stand-in (true architecture, random fp16 weights, harness/fixtures.randomize_) is built in memory where
 the check runs: no 5 GB file to carry or write. LinFusion-XL-shaped weights (with their own projections, the
@@ -118,6 +118,7 @@ def _lowmem_run(cfg, spec, rec, gc, torch, mm, pack, cuda, env) -> None:
     w, h = cfg["size"]
     shape = [cfg["batch"], 4, h // 8, w // 8]
     ctx_dim, adm_dim = CONTEXT[family]
+    off_out = None  # the step's output without the mode, to compare the mode's with (on the host, float32)
     for mode in cfg["modes"]:
         what = f"{family} {w}x{h} low_memory={mode}"
         if time.time() > deadline:
@@ -165,6 +166,12 @@ def _lowmem_run(cfg, spec, rec, gc, torch, mm, pack, cuda, env) -> None:
                 row["peak_layer_bytes"] = None if value is None else value - meter.base
                 row["layers_probed"] = len(probe.seen)
                 row["finite"] = bool(torch.isfinite(out).all().item())
+                out = out.float().cpu()
+                if mode == "off":
+                    off_out = out
+                elif off_out is not None:  # the same inputs: how far the mode moves the step's output
+                    row["relative_to_off"] = ((out.double() - off_out.double()).norm()
+                                              / off_out.double().norm()).item()
                 del out
             row["peak_bytes"] = meter.peak
             row["memory_method"] = ("torch.cuda.max_memory_allocated (peak_total_bytes: weights included; "
@@ -208,6 +215,10 @@ def markdown(sec: dict, gib) -> list:
                  f"{gib(r.get('peak_bytes'))} | {gib(total)} | {gib(r.get('weights_bytes'))} | "
                  f"{gib(r.get('estimate_bytes'))} | {verdict} |")
     L.append("")
+    for r in rows:
+        if r.get("relative_to_off") is not None:
+            L.append(f"- {r['family']} low_memory={r['low_memory']}: output {r['relative_to_off']:.2e} relative "
+                     f"to the same step without the mode ({r.get('dtype')})")
     for r in rows:
         if r.get("peak_layer"):
             L.append(f"- {r['family']} low_memory={r['low_memory']}: the step's running peak last rose in "

@@ -291,9 +291,12 @@ def test_dry_lowmem_rows(dry):
         assert 0 <= r["peak_layer_bytes"] <= r["peak_bytes"] + (1 << 20), r
     on = rows[1]
     assert on["estimate_on_bytes"] <= on["estimate_off_bytes"]
+    # the mode's output against the step's without it, the same inputs (fp32 on this CPU: the test suite's bound)
+    assert "relative_to_off" not in rows[0] and 0 <= on["relative_to_off"] <= 1e-6, on.get("relative_to_off")
     md = "\n".join(gpu_check.gpu_lowmem.markdown(sec, gpu_check._gib))
     print(md)
     assert "Low-memory mode" in md and md.count("| sd15 |") == 2 and md.count("running peak last rose in") == 2
+    assert md.count("relative to the same step without the mode") == 1
 
 
 def test_dry_parallel_rows(dry):
