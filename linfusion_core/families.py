@@ -38,15 +38,16 @@ _SD15_MEMORY = {"per_pixel": 38_000.0, "fixed": 120e6, "measured": "SD-1.5 UNet,
                             "measured": "SD-1.5 UNet, CPU fp32, 2048x1024..4096x2048"}}
 # "lowmem": the line with the low-memory mode (nodes/lowmem.py), the peak bytes allocated in one step with the
 # parked skips outside and every 16K-sized piece chunked (benchmarks/bench_lowmem.py --name allocated_cpu,
-# benchmarks/results/lowmem_fits_allocated_cpu.json; docs/benchmarks.md, 2026-12-07, with the decoder's
-# concatenation made and freed by its ResBlock: both 8,976 B/px, rounded up). The fixed part adds the
-# chunk temporaries of the default chunk sizes (144 MB above the line at 4096x2048, fp32).
-_SD15_MEMORY["lowmem"] = {"per_pixel": 9_000.0, "fixed": 160e6,
+# benchmarks/results/lowmem_fits_allocated_cpu.json; docs/benchmarks.md, 2026-12-07 19:22-19:32 UTC, with the
+# decoder's concatenation read by bands from its parts and the skip convolutions by bands: SD-1.5 5,911 B/px,
+# SD-XL 6,549 B/px, rounded up). The fixed part adds the chunk temporaries of the default chunk sizes (144 MB
+# above the line at 4096x2048, fp32).
+_SD15_MEMORY["lowmem"] = {"per_pixel": 6_000.0, "fixed": 160e6,
                           "measured": "SD-1.5 UNet, CPU fp32, 2048x1024..3072x1536, allocator peak, all chunked"}
 # SD-XL was measured before feed-forward chunking (1024x512..2048x2048): above the chunking threshold (2048x2048 at
 # batch 1) this line over-estimates; no "chunked" line measured yet.
 _SDXL_MEMORY = {"per_pixel": 21_300.0, "fixed": 152e6, "measured": "SD-XL UNet, CPU fp32, 1024x512..2048x2048",
-                "lowmem": {"per_pixel": 9_000.0, "fixed": 160e6,
+                "lowmem": {"per_pixel": 6_600.0, "fixed": 160e6,
                            "measured": "SD-XL UNet, CPU fp32, 2048x1024..3072x1536, allocator peak, all chunked"}}
 
 _SD_LEVELS = dict(attention_levels=(1, 4, 16, 64), first_transformer_level=(320, 1))
