@@ -493,16 +493,28 @@ def patch_resblocks(model_patcher) -> int:
     ComfyUI's own ResBlocks; a NormActSequential over the in/out layers of any other ResBlock (a subclass, or one
     another pack put in place); a banded upsampler over each Upsample. One patch per ResBlock, never one on a
     ResBlock and one on its child: ComfyUI restores object patches one by one, and a child restored after its
-    parent would land on the original module. Returns how many patches."""
+    parent would land on the original module. None over a block with another pack's object patch on a part of it
+    (logged). Returns how many patches."""
     dm = model_patcher.get_model_object("diffusion_model")
     ResBlock = _resblock_class()
     n = 0
     whole = set()
+    # Another pack's object patch on a part of a block (set before ours: ComfyUI applies object patches in the order
+    # they were added) would land in the module ours replaces, and be hidden: such blocks keep ComfyUI's modules.
+    theirs = [k for k in model_patcher.object_patches if k.startswith("diffusion_model.")]
+    kept = []
+
+    def free(key: str) -> bool:
+        if any(k.startswith(key + ".") for k in theirs):
+            if not any(key.startswith(k + ".") for k in kept):  # (a block's in_layers after the block itself)
+                kept.append(key)
+            return False
+        return True
     for name, mod in dm.named_modules():
         if type(mod) is ResBlock or is_banded_resblock(mod):
             key = f"diffusion_model.{name}"
             block = model_patcher.get_model_object(key)  # another pack's object patch may stand here: leave it be
-            if type(block) is ResBlock or is_banded_resblock(block):
+            if (type(block) is ResBlock or is_banded_resblock(block)) and free(key):
                 model_patcher.add_object_patch(key, _banded_resblock(block))
                 whole.add(name)
                 n += 1
@@ -510,6 +522,8 @@ def patch_resblocks(model_patcher) -> int:
         if path.rsplit(".", 1)[0] in whole:
             continue
         key = f"diffusion_model.{path}"
+        if not free(key):
+            continue
         seq = model_patcher.get_model_object(key)
         model_patcher.add_object_patch(key, NormActSequential(OrderedDict(seq._modules)))
         n += 1
@@ -523,9 +537,12 @@ def patch_resblocks(model_patcher) -> int:
     for path in upsample_paths(dm):
         key = f"diffusion_model.{path}"
         up = model_patcher.get_model_object(key)  # another pack's object patch may stand here: leave it be
-        if type(up) is Upsample or is_banded_upsample(up):
+        if (type(up) is Upsample or is_banded_upsample(up)) and free(key):
             model_patcher.add_object_patch(key, _same_children(banded_upsample_class(Upsample), up))
             n += 1
+    if kept:
+        log.info("LinFusion low-memory mode: %d block(s) run whole, as ComfyUI's, because another node patched a "
+                 "part of them (%s): the same result, less memory saved there", len(kept), ", ".join(kept))
     return n
 
 

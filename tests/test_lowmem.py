@@ -547,6 +547,38 @@ def test_transformer_blocks_with_patches_run_as_comfyui(pack, sd15, counts, smal
     assert torch.equal(runs["on"], runs["off"])
 
 
+def test_another_packs_child_patch_is_kept(pack, NL, sd15, counts, small_chunks, one_thread, caplog):
+    """Another pack's object patch on a child of a ResBlock or of an upsampler (here their convolutions, replaced
+    by scaled copies), set before Apply LinFusion: ComfyUI applies object patches in the order they were added, so
+    ours on the parent would replace the parent after theirs and hide it. Those blocks keep ComfyUI's modules (the
+    mode leaves them whole; logged), theirs takes effect in both modes, and the mode is still exact."""
+    x, c = _sd15_inputs(5, 16, 24)
+    plain = _run(_apply(pack, sd15["unet"], sd15["ck"], "off"), x, c_crossattn=c)
+    other = sd15["unet"].clone()
+    keys = ("diffusion_model.output_blocks.9.0.in_layers.2", "diffusion_model.output_blocks.5.2.conv")
+    for key in keys:
+        conv = other.get_model_object(key)
+        theirs = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+        with torch.no_grad():
+            theirs.weight.copy_(conv.weight * 1.5)
+            theirs.bias.copy_(conv.bias)
+        other.add_object_patch(key, theirs)
+    off = _run(_apply(pack, other, sd15["ck"], "off"), x, c_crossattn=c)
+    assert rel(off, plain) > 1e-3  # their patches matter
+    import comfy.model_management as mm
+    mm.unload_all_models()  # (a loaded copy would leave theirs in the shared module tree, where ours would copy it)
+    with caplog.at_level(logging.INFO, logger="LinFusion"):
+        on_model = _apply(pack, other, sd15["ck"], "on")
+    assert ("2 block(s) run whole" in caplog.text and "output_blocks.9.0," in caplog.text
+            and "output_blocks.5.2)" in caplog.text), caplog.text
+    on = _run(on_model, x, c_crossattn=c)
+    assert torch.equal(on, off), rel(on, off)
+    for key in keys:
+        parent = key.rsplit(".", 2)[0] if key.endswith("in_layers.2") else key.rsplit(".", 1)[0]
+        assert parent not in on_model.object_patches, parent  # left as it is
+    assert counts["resblock"] == 22 - 1 and counts["park"] == 12
+
+
 def _controlnet_residuals(net, x, cond, seed=3):
     """ComfyUI's sampler path: ControlNetApplyAdvanced's copy, set_cond_hint, pre_run, get_control."""
     import comfy.model_management
