@@ -371,8 +371,7 @@ class PendingConcat(torch.Tensor):
 
     def take(self) -> torch.Tensor:
         """The concatenation, made now; the stand-in gives up its parts, so the caller holds the only reference."""
-        parts, self.parts = self._parts(), None
-        return torch.cat(parts, 1)
+        return self.take_parts().full()
 
     def take_parts(self) -> ConcatParts:
         """The concatenation to be read by pieces (``ConcatParts``), never made whole; the stand-in gives up its

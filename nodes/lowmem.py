@@ -615,8 +615,8 @@ class _SkipOffload:
     def defer_concat(self, h, hsp, transformer_options):
         """Last of the output block patches: when the block's first layer is our ResBlock, hand the UNet a
         stand-in for ``cat([h, hsp])`` (``lowmem.PendingConcat``) and a part with no channels to concatenate it
-        with; the ResBlock makes the concatenation and releases it once read, where the UNet would hold it
-        through the whole output block. Only while it is the last of the patches (one that another wrapper added
+        with; the ResBlock reads it from its parts (or makes it) and releases them once read, where the UNet
+        would hold it through the whole output block. Only while it is the last of the patches (one that another wrapper added
         after it would get the stand-in)."""
         kind, index = transformer_options.get("block", (None, None))
         blocks = getattr(self.diffusion_model, "output_blocks", None)
